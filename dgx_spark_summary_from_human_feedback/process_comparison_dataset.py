@@ -1,0 +1,68 @@
+"""Build the preference dataset: OpenAI's TL;DR comparisons -> query + chosen/rejected tokens.
+
+    python -m dgx_spark_summary_from_human_feedback.process_comparison_dataset --output-dir data/comparisons
+    python -m dgx_spark_summary_from_human_feedback.process_comparison_dataset \\
+        --dataset ../shared/data/tldr_real_sample/comparisons.jsonl --tokenizer DIR --output-dir OUT
+
+Rows go to `train`, `validation`, or `validation_cnndm` (validation rows of the CNN/DM batches,
+out of distribution) by their `split` and `batch` fields, as in the N+ preprocessed dataset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from . import cli
+from .data import COMPARISON_COLUMN_DOCS, Lengths, Report, load_raw, load_tokenizer, process_comparisons, save_processed
+
+
+@dataclass
+class Config:
+    dataset: str = "openai/summarize_from_feedback"
+    """Hub name, or local .jsonl/.json/.parquet file(s) in the `comparisons` schema"""
+    config_name: str | None = "comparisons"
+    """Hub dataset config"""
+    split: str = "train"
+    """split assumed for a local file whose rows have no `split` field"""
+    revision: str | None = None
+    """Hub revision of the dataset"""
+    tokenizer: str = "Qwen/Qwen2.5-0.5B"
+    """Hub name or local directory; a [PAD] token distinct from EOS is added when needed"""
+    output_dir: str = "data/comparisons"
+    """where `save_to_disk` writes the processed DatasetDict (and README.md, the card)"""
+    query_length: int = 512
+    """query tokens for Reddit posts (OpenAI/N+: 512)"""
+    cnndm_query_length: int = 1919
+    """query tokens for CNN/DM articles (N+: 1919)"""
+    response_length: int = 133
+    """max summary tokens including EOS (133 = the longest with Qwen2.5's vocabulary)"""
+    long_response: Literal["drop", "truncate"] = "drop"
+    """what to do with a summary over `response_length`: drop the row or cut it (EOS kept)"""
+    skip_bad_rows: bool = False
+    """count and skip malformed rows instead of stopping at the first one"""
+    push_to_hub: str | None = None
+    """REPO_ID to push the dataset and its card to (token from HF_TOKEN)"""
+
+
+def main(cfg: Config) -> None:
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    raw = load_raw(cfg.dataset, cfg.config_name, split=cfg.split, revision=cfg.revision)
+    lengths = Lengths(query=cfg.query_length, response=cfg.response_length, cnndm_query=cfg.cnndm_query_length)
+    report = Report()
+    ds = process_comparisons(raw, tokenizer, lengths, long_response=cfg.long_response, skip_bad_rows=cfg.skip_bad_rows, report=report)
+    params = {**asdict(cfg), "pad_token": tokenizer.pad_token, "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    save_processed(
+        ds,
+        cfg.output_dir,
+        title="TL;DR preference dataset",
+        column_docs=COMPARISON_COLUMN_DOCS,
+        length_columns=["query_token_len", "chosen_token_len", "rejected_token_len", "query_chosen_token_len", "query_rejected_token_len"],
+        params=params,
+        report=report,
+        push_to_hub=cfg.push_to_hub,
+    )
+
+
+if __name__ == "__main__":
+    cli.run(main, Config)
