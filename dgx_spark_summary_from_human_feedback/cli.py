@@ -6,6 +6,7 @@ import sys
 from typing import Callable, TypeVar
 
 import datasets
+import transformers
 import tyro
 
 from .data import InputError
@@ -13,10 +14,24 @@ from .data import InputError
 C = TypeVar("C")
 
 
-def run(main: Callable[[C], object], config_cls: type[C], args: list[str] | None = None) -> None:
-    """`main(tyro.cli(config_cls))`; an InputError exits with its one-line message, no traceback."""
-    cfg = tyro.cli(config_cls, args=args, config=(tyro.conf.FlagConversionOff,))
+def parse(config_cls: type[C], args: list[str] | None = None, presets: dict[str, dict] | None = None) -> C:
+    """tyro CLI where `--preset NAME` swaps in that preset's defaults; explicit flags still win."""
+    args = list(sys.argv[1:] if args is None else args)
+    default = None
+    if presets and "--preset" in args:
+        i = args.index("--preset")
+        name = args[i + 1] if i + 1 < len(args) else ""
+        if name not in presets:
+            sys.exit(f"error: --preset must be one of {sorted(presets)}")
+        default = config_cls(**presets[name])
+    return tyro.cli(config_cls, args=args, default=default, config=(tyro.conf.FlagConversionOff,))
+
+
+def run(main: Callable[[C], object], config_cls: type[C], args: list[str] | None = None, presets: dict[str, dict] | None = None) -> None:
+    """`main(parse(config_cls))`; an InputError exits with its one-line message, no traceback."""
+    cfg = parse(config_cls, args, presets)
     datasets.disable_progress_bars()  # our own summaries say what happened; keep the output readable
+    transformers.utils.logging.disable_progress_bar()
     try:
         main(cfg)
     except InputError as e:

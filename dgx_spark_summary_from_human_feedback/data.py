@@ -507,6 +507,35 @@ def is_processed(dataset: str) -> bool:
     return path.is_dir() and (path / "dataset_dict.json").exists()
 
 
+def load_stage_data(
+    dataset: str, tokenizer: PreTrainedTokenizerBase, kind: str, splits: tuple[str, ...], lengths: Lengths, revision: str | None = None
+) -> datasets.DatasetDict:
+    """What a stage trains on: a processed dataset as is, or raw TL;DR data processed now.
+
+    `kind` is "sft" or "comparisons". Raw rows are processed with the run's tokenizer, so the
+    ids always match the model; a processed dataset must have been made with the same vocabulary.
+    """
+    key = "query_reference_response_token" if kind == "sft" else "query_chosen_token"
+    if is_processed(dataset):
+        ds = load_processed(dataset, splits)
+    else:
+        raw = load_raw(dataset, "comparisons" if kind == "comparisons" and not Path(dataset).expanduser().exists() else None, revision=revision)
+        if key in next(iter(raw.values())).column_names:
+            ds = raw  # a processed dataset on the Hub (ours or N+'s)
+        else:
+            process = process_sft if kind == "sft" else process_comparisons
+            report = Report()
+            ds = process(raw, tokenizer, lengths, report=report)
+            print(format_report(report, {}))
+    missing = [s for s in splits if s not in ds]
+    if missing:
+        raise InputError(f"{dataset}: split(s) {missing} missing (has {list(ds)})")
+    top = max(max(max(ids) for ids in ds[s][:256][key]) for s in splits)
+    if top >= len(tokenizer):
+        raise InputError(f"{dataset}: token id {top} is outside the tokenizer's {len(tokenizer)} ids: the data was made with another tokenizer")
+    return ds
+
+
 # ---------------------------------------------------------------------------------------------
 # statistics and the dataset card
 

@@ -1,0 +1,149 @@
+"""Models every stage agrees on: loading, positions under padding, response log-probs, the score.
+
+Two rules hold everywhere:
+- Padding is found from attention masks and lengths, never from `ids == pad_id` (pad == EOS on
+  Qwen2.5 would hide every EOS; N+ detail 4).
+- Positions come from the attention mask, so a left-padded query and an unpadded one get the
+  same logits (HF models count positions from the first column otherwise).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
+
+from .data import InputError
+
+
+def _check_checkpoint(path: str, want: str) -> None:
+    """One-line errors for a missing path or a checkpoint of the wrong kind (policy vs reward)."""
+    p = Path(path).expanduser()
+    if path.startswith((".", "/", "~")) and not p.exists():
+        raise InputError(f"checkpoint {path} does not exist")
+    if not p.exists():
+        return  # a Hub name: from_pretrained reports what is wrong
+    if not (p / "config.json").exists():
+        raise InputError(f"{path} is not a Hugging Face checkpoint (no config.json): pass the stage's output directory")
+    archs = AutoConfig.from_pretrained(str(p)).architectures or []
+    if want == "reward" and not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise InputError(f"{path} holds {archs or 'no architecture'}, not a reward model: pass reward.py's output directory")
+    if want == "policy" and any(a.endswith("ForSequenceClassification") for a in archs):
+        raise InputError(f"{path} is a reward model ({archs[0]}), not a policy: pass sft.py's or ppo.py's output directory")
+
+
+def fit_embeddings(model: PreTrainedModel, tokenizer) -> None:
+    """Make room for [PAD] and record pad/EOS ids in the config.
+
+    Qwen2.5 has 151,936 embedding rows for 151,665 tokens, so [PAD] (151665) fits as is. A model
+    without spare rows grows by the missing rows (mean-initialised by transformers); a tokenizer
+    whose ids exceed the model's vocabulary by more than the added specials is refused.
+    """
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        added = len(tokenizer.get_added_vocab())
+        if len(tokenizer) - rows > max(added, 1):
+            raise InputError(
+                f"tokenizer has {len(tokenizer)} tokens but the model only {rows} embedding rows: "
+                "the tokenizer does not belong to this model"
+            )
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+
+def load_policy(path: str, tokenizer, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", revision: str | None = None) -> PreTrainedModel:
+    _check_checkpoint(path, "policy")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", revision=revision)
+    fit_embeddings(model, tokenizer)
+    return model.to(device)
+
+
+def load_reward_model(path: str, tokenizer, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *, new_head: bool = False) -> PreTrainedModel:
+    """A reward checkpoint, or (new_head=True) a causal-LM backbone with a fresh N+ scalar head."""
+    _check_checkpoint(path, "policy" if new_head else "reward")
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype, attn_implementation="sdpa")
+    if new_head:
+        # N+ detail: head weight ~ N(0, 1/sqrt(d+1)), no offset (HF's head has no bias term: the
+        # normalising offset lives in config.score_bias, which `get_score` adds)
+        d = model.config.hidden_size
+        torch.nn.init.normal_(model.score.weight, std=1 / math.sqrt(d + 1))
+        model.config.score_bias = 0.0
+    fit_embeddings(model, tokenizer)
+    return model.to(device)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """N+: dropout off in every model (Qwen2 has none; other bases may)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# forwards
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions counted over attended tokens only: left padding does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def hidden_states(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, H) last hidden states of the backbone, without the LM or score head."""
+    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False)
+    return out.last_hidden_state
+
+
+def lm_loss_sum(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over labels != -100, and their count.
+
+    The LM head (151,936 wide on Qwen2.5, about a third of the 0.5B model's FLOPs) runs only at
+    the positions that have a label: ~35 of ~370 tokens per SFT row. Callers divide by the
+    number of labelled tokens of the whole optimizer batch, so gradient accumulation is exact.
+    """
+    hidden = hidden_states(model, input_ids, attention_mask)[:, :-1]  # (B, T-1, H): position t predicts t+1
+    targets = labels[:, 1:]
+    keep = targets != -100
+    logits = model.get_output_embeddings()(hidden[keep])  # (N, V)
+    return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), int(keep.sum())
+
+
+def response_logits(model: PreTrainedModel, query_responses: torch.Tensor, attention_mask: torch.Tensor, context_length: int, temperature: float) -> torch.Tensor:
+    """(B, R, V) logits / temperature that predict the R response tokens after `context_length`.
+
+    N+ detail: the training forward divides by the sampling temperature, so the log-probs of
+    the rollout and of the first PPO minibatch agree and the first ratio is exactly 1.
+    """
+    hidden = hidden_states(model, query_responses, attention_mask)[:, context_length - 1 : -1]
+    return model.get_output_embeddings()(hidden).float() / temperature
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """(B, R) log-probability of `tokens` under `logits` (B, R, V)."""
+    return torch.gather(logits.log_softmax(-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) index of the rightmost attended token: the EOS of a truncated response."""
+    T = attention_mask.shape[1]
+    return T - 1 - attention_mask.long().flip(-1).argmax(-1)
+
+
+def get_score(reward_model: PreTrainedModel, query_responses: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) reward-model score of each query+response, read at its last real token (the EOS).
+
+    The one scoring function: reward.py trains and normalises with it, ppo.py scores rollouts
+    with it, evaluate.py judges with it. It pools by the attention mask, so left or right
+    padding and any pad id give the same score, and adds `config.score_bias`, the N+
+    normalisation offset (references average 0).
+    """
+    hidden = hidden_states(reward_model, query_responses, attention_mask)  # (B, T, H)
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]  # (B, H)
+    return reward_model.score(last).squeeze(-1).float() + getattr(reward_model.config, "score_bias", 0.0)
