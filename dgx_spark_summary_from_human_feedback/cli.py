@@ -24,7 +24,7 @@ def parse(config_cls: type[C], args: list[str] | None = None, presets: dict[str,
         if name not in presets:
             sys.exit(f"error: --preset must be one of {sorted(presets)}")
         default = config_cls(**presets[name])
-    return tyro.cli(config_cls, args=args, default=default, config=(tyro.conf.FlagConversionOff,))
+    return tyro.cli(config_cls, args=args, default=default)
 
 
 def run(main: Callable[[C], object], config_cls: type[C], args: list[str] | None = None, presets: dict[str, dict] | None = None) -> None:

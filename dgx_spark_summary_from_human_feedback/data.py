@@ -402,6 +402,7 @@ def process_comparisons(
                 out[f"{key}_policy"].append(str(summary.get("policy")))
             out["policies"].append("--".join(sorted([str(chosen.get("policy")), str(rejected.get("policy"))])))
             out["batch"].append(row.get("batch"))
+            out["worker"].append(row.get("worker"))
             out["split"].append(row.get("split"))
             out["confidence"].append(extra.get("confidence"))
         return out
@@ -428,7 +429,7 @@ COMPARISON_COLUMNS = [
     "query_chosen_token_response_label", "query_chosen_token_len",
     "rejected", "rejected_token", "rejected_token_len", "query_rejected_token",
     "query_rejected_token_response_label", "query_rejected_token_len",
-    "chosen_policy", "rejected_policy", "policies", "batch", "split", "confidence",
+    "chosen_policy", "rejected_policy", "policies", "batch", "worker", "split", "confidence",
 ]  # fmt: skip
 
 
@@ -611,6 +612,7 @@ COMPARISON_COLUMN_DOCS = {
     "chosen_policy / rejected_policy": "policy that wrote each summary",
     "policies": "the two policies, sorted and joined by '--'",
     "batch": "labelling batch of the comparison",
+    "worker": "who labelled it (an anonymised labeller id, or a judge model)",
     "split": "source split field (train / valid1 / valid2)",
     "confidence": "labeller confidence (extra.confidence), null where absent",
 }

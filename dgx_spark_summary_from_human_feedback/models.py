@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
 
 from .data import InputError
@@ -68,7 +69,13 @@ def load_policy(path: str, tokenizer, dtype: torch.dtype = torch.float32, device
 def load_reward_model(path: str, tokenizer, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *, new_head: bool = False) -> PreTrainedModel:
     """A reward checkpoint, or (new_head=True) a causal-LM backbone with a fresh N+ scalar head."""
     _check_checkpoint(path, "policy" if new_head else "reward")
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype, attn_implementation="sdpa")
+    verbosity = transformers.logging.get_verbosity()
+    if new_head:
+        transformers.logging.set_verbosity_error()  # "score.weight MISSING" is the point: we init it next
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype, attn_implementation="sdpa")
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     if new_head:
         # N+ detail: head weight ~ N(0, 1/sqrt(d+1)), no offset (HF's head has no bias term: the
         # normalising offset lives in config.score_bias, which `get_score` adds)

@@ -1,0 +1,360 @@
+"""Stage 2: pairwise reward model (Stiennon et al. 2020, sec. 3.4; N+ details 9-12).
+
+    python reward.py --sft-path out/sft                                 # backbone from SFT (N+)
+    python reward.py --sft-path out/sft --base-model Qwen/Qwen2.5-1.5B  # the seed's better RM
+    python reward.py --preset smoke --sft-path out/smoke/sft --output-dir out/smoke/reward
+    python reward.py --eval-only --reward-path out/reward --dataset comparisons.jsonl
+
+Writes OUT/ (an AutoModelForSequenceClassification checkpoint, num_labels=1, safetensors; no
+remote code), OUT/checkpoints/, OUT/metrics.jsonl, OUT/report.md with accuracy by split,
+confidence, policy pair and batch, a calibration plot, and the normalisation before/after.
+
+The score of a query+response is the head's output at its last token, the EOS (N+ detail 10),
+read by `models.get_score`, the one function PPO and evaluation also call. The loss is
+-log sigmoid(score_chosen - score_rejected), chosen and rejected in one forward pass. After
+training the reference summaries of the SFT split are scored and their mean is subtracted
+(N+ detail 12). Qwen2's classification head has no bias term, so the offset is stored as
+`config.score_bias` and added by `get_score`; plain `from_pretrained(...)(...).logits` gives the
+raw, unnormalised score (add `model.config.score_bias` yourself).
+
+Defaults are the original implementation's 1.5B recipe: batch 128 (8 x 16), lr 5e-5, 3% warmup,
+cosine to 0, 1 epoch, clip 1.0, 8-bit AdamW on CUDA, dropout off. The N+ recipe instead trains
+from the SFT model with batch 64 and lr 3e-6 (`--batch-size 64 --lr 3e-6`); on Qwen2.5 the seed
+found a 1.5B base model better than the 0.5B SFT init (validation accuracy about 0.62-0.66).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from dgx_spark_summary_from_human_feedback import cli, tiny
+from dgx_spark_summary_from_human_feedback.checkpoint import export_final, push_run, resume_point, rng_state, save_checkpoint, set_rng_state
+from dgx_spark_summary_from_human_feedback.data import InputError, Lengths, load_stage_data, load_tokenizer
+from dgx_spark_summary_from_human_feedback.models import disable_dropout, get_score, load_reward_model
+from dgx_spark_summary_from_human_feedback.tracking import Logger, config_table, markdown_table, plot_curves, read_metrics
+from dgx_spark_summary_from_human_feedback.training import (
+    OptimizerKind, Precision, all_reduce_sum, batch_indices, get_lr, make_optimizer, micro_batch_layout, micro_batches,
+    seed_everything, set_lr, setup_runtime, steps_per_epoch,
+)  # fmt: skip
+
+
+@dataclass
+class Config:
+    preset: Literal["spark", "smoke"] = "spark"
+    """spark: the full recipe; smoke: tiny model + bundled fixtures, offline on CPU"""
+    sft_path: str = "out/sft"
+    """SFT checkpoint: the backbone (N+ detail 9) and always the tokenizer"""
+    base_model: str | None = None
+    """start from this causal LM instead of the SFT model (e.g. Qwen/Qwen2.5-1.5B)"""
+    dataset: str = "openai/summarize_from_feedback"
+    """raw comparisons (Hub or local files, processed now) or a processed preference dataset"""
+    sft_dataset: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
+    """SFT data whose reference summaries set the normalisation offset"""
+    output_dir: str = "out/reward"
+    """where the model, checkpoints, metrics and report go"""
+    epochs: int = 1
+    """passes over the training comparisons"""
+    max_steps: int | None = None
+    """stop after this many optimizer steps (default: epochs x steps per epoch)"""
+    batch_size: int = 128
+    """comparisons per optimizer step, across all processes"""
+    micro_batch_size: int = 8
+    """comparisons per forward pass (2x sequences: chosen and rejected together)"""
+    lr: float = 5e-5
+    """peak learning rate"""
+    warmup_ratio: float = 0.03
+    """share of the steps spent warming up"""
+    weight_decay: float = 0.0
+    """AdamW weight decay on >= 2-D weights"""
+    grad_clip: float = 1.0
+    """max global gradient norm (0 = off)"""
+    optimizer: OptimizerKind = "auto"
+    """auto = bitsandbytes 8-bit AdamW on CUDA, torch fused AdamW on CPU"""
+    precision: Precision = "auto"
+    """auto = fp32 weights + bf16 autocast on CUDA, fp32 on CPU"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass (less memory)"""
+    query_length: int = 512
+    """query tokens when processing raw data"""
+    response_length: int = 133
+    """max summary tokens (EOS included) when processing raw data"""
+    eval_interval: int = 100
+    """validation accuracy on a subset and a checkpoint every this many steps"""
+    num_eval_rows: int = 1024
+    """validation comparisons scored during training"""
+    max_final_eval_rows: int | None = None
+    """cap on comparisons per split in the final evaluation (default: all)"""
+    num_norm_rows: int = 8192
+    """SFT reference summaries scored to normalise (0 = the whole train split)"""
+    eval_only: bool = False
+    """only evaluate `reward_path` (no training)"""
+    reward_path: str | None = None
+    """reward checkpoint to evaluate with --eval-only"""
+    resume: bool = False
+    """continue from OUT/checkpoints' last checkpoint"""
+    allow_config_change: bool = False
+    """resume even if the saved config differs in fields that change the result"""
+    seed: int = 42
+    """seed for head init and data order"""
+    device: str = "auto"
+    """cuda, cpu or auto"""
+    wandb_project: str | None = None
+    """log to this wandb project (offline without WANDB_API_KEY)"""
+    push_to_hub: str | None = None
+    """REPO_ID to upload the final model and its card to (token from HF_TOKEN)"""
+
+
+PRESETS = {
+    "smoke": dict(
+        preset="smoke", sft_path="out/smoke/sft", dataset=str(tiny.COMPARISONS_FILE), sft_dataset=str(tiny.SFT_DIR),
+        output_dir="out/smoke/reward", epochs=6, batch_size=16, micro_batch_size=8, lr=2e-3, eval_interval=12,
+        num_eval_rows=64, num_norm_rows=0,
+    ),
+}  # fmt: skip
+
+PAIR_COLUMNS = ["query_chosen_token", "query_chosen_token_len", "query_rejected_token", "query_rejected_token_len"]
+
+
+def pair_batch(rows: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen rows then rejected rows, trimmed to the longest: (2B, T) ids and mask."""
+    lengths = torch.cat([rows["query_chosen_token_len"], rows["query_rejected_token_len"]])  # (2B,)
+    T = int(lengths.max())
+    ids = torch.cat([rows["query_chosen_token"][:, :T], rows["query_rejected_token"][:, :T]])
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    return ids.to(device), mask.long().to(device)
+
+
+def pair_scores(model, rows: dict, runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) scores of the chosen and of the rejected summaries, from one forward pass."""
+    ids, mask = pair_batch(rows, runtime.device)
+    with runtime.autocast():
+        scores = get_score(model, ids, mask)
+    return scores.chunk(2)
+
+
+@torch.no_grad()
+def score_split(model, data, micro_batch_size: int, runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) chosen and rejected scores of every comparison in `data`."""
+    model.eval()
+    chosen, rejected = [], []
+    for start in range(0, len(data), micro_batch_size):
+        c, r = pair_scores(model, data[start : start + micro_batch_size], runtime)
+        chosen.append(c.float().cpu())
+        rejected.append(r.float().cpu())
+    model.train()
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+@torch.no_grad()
+def reference_scores(model, data, micro_batch_size: int, runtime) -> torch.Tensor:
+    """(N,) scores of the SFT reference summaries (query + ' summary<EOS>')."""
+    model.eval()
+    scores = []
+    for start in range(0, len(data), micro_batch_size):
+        rows = data[start : start + micro_batch_size]
+        lengths = rows["query_reference_response_token_len"]
+        T = int(lengths.max())
+        mask = (torch.arange(T)[None, :] < lengths[:, None]).long()
+        with runtime.autocast():
+            scores.append(get_score(model, rows["query_reference_response_token"][:, :T].to(runtime.device), mask.to(runtime.device)).float().cpu())
+    return torch.cat(scores)
+
+
+def accuracy_by(chosen: torch.Tensor, rejected: torch.Tensor, groups: list) -> list[dict]:
+    """Accuracy and count per group value (confidence, policy pair, batch)."""
+    correct = (chosen > rejected).tolist()
+    by = defaultdict(list)
+    for g, c in zip(groups, correct):
+        by[str(g)].append(c)
+    return [{"group": g, "n": len(v), "accuracy": sum(v) / len(v)} for g, v in sorted(by.items())]
+
+
+def calibration(chosen: torch.Tensor, rejected: torch.Tensor, png: Path, title: str, bins: int = 10) -> list[dict]:
+    """Accuracy against |score difference| in quantile bins, beside the ideal sigmoid(|diff|)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    diff = chosen - rejected
+    order = diff.abs().argsort()
+    rows = []
+    for part in order.tensor_split(min(bins, len(order))):
+        if len(part) == 0:
+            continue
+        d = diff[part]
+        rows.append({"mean_abs_diff": float(d.abs().mean()), "n": len(part), "accuracy": float((d > 0).float().mean()), "ideal": float(torch.sigmoid(d.abs()).mean())})
+    fig, ax = plt.subplots(figsize=(4.8, 3.6))
+    ax.plot([r["mean_abs_diff"] for r in rows], [r["accuracy"] for r in rows], "o-", label="reward model")
+    xs = torch.linspace(0, max(r["mean_abs_diff"] for r in rows) * 1.05 + 1e-3, 100)
+    ax.plot(xs, torch.sigmoid(xs), "--", label="ideal: sigmoid(|diff|)")
+    ax.set_xlabel("|score(chosen) - score(rejected)|")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return rows
+
+
+def evaluate_splits(model, ds, cfg: Config, runtime, out: Path) -> tuple[dict, str]:
+    """Accuracy by split/confidence/policy pair/batch, calibration PNGs: (metrics, markdown)."""
+    metrics, sections = {}, []
+    for split in [s for s in ("validation", "validation_cnndm") if s in ds]:
+        data = ds[split]
+        if cfg.max_final_eval_rows:
+            data = data.select(range(min(cfg.max_final_eval_rows, len(data))))
+        chosen, rejected = score_split(model, data.with_format("torch", columns=PAIR_COLUMNS), cfg.micro_batch_size, runtime)
+        accuracy = float((chosen > rejected).float().mean())
+        metrics[f"eval/{split}/accuracy"] = accuracy
+        metrics[f"eval/{split}/margin"] = float((chosen - rejected).mean())
+        workers = set(data["worker"]) if "worker" in data.column_names else set()
+        labels = "GPT-4 verdicts" if any("gpt-4" in str(w).lower() for w in workers) else "human preference labels (OpenAI)"
+        curve = calibration(chosen, rejected, out / f"calibration_{split}.png", f"{split} (n={len(data)})")
+        sections.append(
+            f"### {split}: accuracy {accuracy:.4f} (n={len(data)}, labels: {labels})\n\n"
+            f"![calibration](calibration_{split}.png)\n\n"
+            f"By confidence:\n\n{markdown_table(accuracy_by(chosen, rejected, data['confidence']), ['group', 'n', 'accuracy'])}\n\n"
+            f"By policy pair:\n\n{markdown_table(accuracy_by(chosen, rejected, data['policies']), ['group', 'n', 'accuracy'])}\n\n"
+            f"By batch:\n\n{markdown_table(accuracy_by(chosen, rejected, data['batch']), ['group', 'n', 'accuracy'])}\n\n"
+            f"Calibration:\n\n{markdown_table(curve, ['mean_abs_diff', 'n', 'accuracy', 'ideal'])}\n"
+        )
+    return metrics, "\n".join(sections)
+
+
+def main(cfg: Config) -> None:
+    # ---- setup
+    runtime = setup_runtime(cfg.device, cfg.precision)
+    seed_everything(cfg.seed)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = dataclasses.asdict(cfg)
+    if cfg.eval_only and not cfg.reward_path:
+        raise InputError("--eval-only needs --reward-path DIR (a reward.py output directory)")
+    tokenizer = load_tokenizer(cfg.reward_path if cfg.eval_only else cfg.sft_path)
+
+    # ---- data
+    lengths = Lengths(cfg.query_length, cfg.response_length)
+    splits = ("validation",) if cfg.eval_only else ("train", "validation")
+    ds = load_stage_data(cfg.dataset, tokenizer, "comparisons", splits, lengths)
+
+    if cfg.eval_only:
+        model = load_reward_model(cfg.reward_path, tokenizer, dtype=runtime.param_dtype, device=runtime.device)
+        metrics, text = evaluate_splits(model, ds, cfg, runtime, out)
+        Logger(out, config).log(metrics, 0)
+        (out / "report.md").write_text(f"# Reward model evaluation: {cfg.reward_path}\n\n{text}\n\n## Config\n\n{config_table(config)}\n")
+        print(json.dumps(metrics, indent=2))
+        return
+
+    train = ds["train"].with_format("torch", columns=PAIR_COLUMNS)
+    val_rows = ds["validation"].select(range(min(cfg.num_eval_rows, len(ds["validation"])))).with_format("torch", columns=PAIR_COLUMNS)
+    pair_lengths = [max(c, r) for c, r in zip(ds["train"]["query_chosen_token_len"], ds["train"]["query_rejected_token_len"])]
+    grad_accum_steps = micro_batch_layout(cfg.batch_size, cfg.micro_batch_size, runtime.world_size)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch(len(train), cfg.batch_size)
+    warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
+    print(f"train {len(train)} comparisons, {total_steps} steps of {cfg.batch_size} = {cfg.micro_batch_size} x {grad_accum_steps} x {runtime.world_size} processes")
+
+    # ---- model and optimizer
+    resume = resume_point(out, config, cfg.allow_config_change) if cfg.resume else None
+    if resume:
+        model = load_reward_model(str(resume[0]), tokenizer, dtype=runtime.param_dtype, device=runtime.device)
+    else:
+        torch.manual_seed(cfg.seed)  # the head's init
+        model = load_reward_model(cfg.base_model or cfg.sft_path, tokenizer, dtype=runtime.param_dtype, device=runtime.device, new_head=True)
+    disable_dropout(model)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    optimizer = make_optimizer(list(model.parameters()), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8, kind=cfg.optimizer, device=runtime.device)
+    start_step = 0
+    if resume:
+        optimizer.load_state_dict(resume[1]["optimizer"])
+        set_rng_state(resume[1]["rng"])
+        start_step = resume[1]["step"]
+        print(f"resumed from {resume[0]} at step {start_step}")
+    logger = Logger(out, config, project=cfg.wandb_project, resume_step=start_step if resume else None, enabled=runtime.is_main)
+
+    def evaluate_and_checkpoint(step: int) -> float:
+        chosen, rejected = score_split(model, val_rows, cfg.micro_batch_size, runtime)
+        accuracy = float((chosen > rejected).float().mean())
+        logger.log({"val/accuracy": accuracy, "val/margin": float((chosen - rejected).mean())}, step)
+        if runtime.is_main:
+            state = {"optimizer": optimizer.state_dict(), "rng": rng_state()}
+            save_checkpoint(out, step, {"model": model}, tokenizer, state, config, metric=accuracy, higher_is_better=True)
+        runtime.barrier()
+        return accuracy
+
+    # ---- loop: lr, eval/checkpoint, micro-steps, clip, step, log
+    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not runtime.is_main, desc="reward")
+    t0, tokens_seen = time.time(), 0
+    for step in bar:
+        lr = get_lr(step, lr=cfg.lr, min_lr=0.0, warmup_steps=warmup_steps, decay_steps=total_steps)
+        set_lr(optimizer, lr)
+        if step % cfg.eval_interval == 0 and step > start_step:
+            evaluate_and_checkpoint(step)
+
+        indices = batch_indices(step, len(train), cfg.batch_size, cfg.seed)
+        loss_total, correct, margin = (torch.zeros((), device=runtime.device) for _ in range(3))
+        for micro in micro_batches(indices, [pair_lengths[i] for i in indices], cfg.micro_batch_size, runtime.rank, runtime.world_size):
+            rows = train[micro]
+            chosen, rejected = pair_scores(model, rows, runtime)
+            loss_sum = -F.logsigmoid(chosen - rejected).sum()
+            (loss_sum / cfg.batch_size).backward()  # mean over the whole batch, any micro-batch split
+            loss_total += loss_sum.detach()
+            correct += (chosen > rejected).sum().detach()
+            margin += (chosen - rejected).sum().detach()
+            tokens_seen += int(rows["query_chosen_token_len"].sum() + rows["query_rejected_token_len"].sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        stats = [float(all_reduce_sum(x, runtime)) / cfg.batch_size for x in (loss_total, correct, margin)]
+        tokens_per_s = tokens_seen * runtime.world_size / (time.time() - t0)
+        logger.log({"train/loss": stats[0], "train/accuracy": stats[1], "train/margin": stats[2], "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_s}, step)
+        bar.set_postfix(loss=f"{stats[0]:.3f}", acc=f"{stats[1]:.2f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+    evaluate_and_checkpoint(total_steps)
+    if not runtime.is_main:
+        return
+
+    # ---- normalise so reference summaries score 0 on average (N+ detail 12), evaluate, save
+    sft = load_stage_data(cfg.sft_dataset, tokenizer, "sft", ("train",), Lengths(cfg.query_length, 63))["train"]
+    if cfg.num_norm_rows:
+        sft = sft.shuffle(seed=cfg.seed).select(range(min(cfg.num_norm_rows, len(sft))))
+    sft = sft.with_format("torch", columns=["query_reference_response_token", "query_reference_response_token_len"])
+    before = reference_scores(model, sft, cfg.micro_batch_size, runtime)
+    model.config.score_bias = getattr(model.config, "score_bias", 0.0) - float(before.mean())
+    after = reference_scores(model, sft, cfg.micro_batch_size, runtime)
+    norm = {"norm/reference_mean_before": float(before.mean()), "norm/reference_mean_after": float(after.mean()), "norm/reference_std": float(after.std()), "norm/rows": len(sft)}
+    metrics, text = evaluate_splits(model, ds, cfg, runtime, out)
+    logger.log({**norm, **metrics}, total_steps)
+    logger.finish()
+    export_final(out, model, tokenizer)
+    records = read_metrics(out / "metrics.jsonl")
+    plot_curves(records, ["train/loss", "train/accuracy", "val/accuracy", "lr"], out / "curves.png", "reward model")
+    results = "\n".join(f"- **{k}**: {v:.4f}" for k, v in {**metrics, **norm}.items())
+    (out / "report.md").write_text(
+        f"# Reward model report\n\n## Results\n\n{results}\n\n![training curves](curves.png)\n\n"
+        f"## Normalisation\n\nMean score of {len(sft)} SFT reference summaries: {norm['norm/reference_mean_before']:.4f} before, "
+        f"{norm['norm/reference_mean_after']:.2e} after (config.score_bias = {model.config.score_bias:.4f}).\n\n"
+        f"## Evaluation\n\n{text}\n\n## Config\n\n{config_table(config)}\n"
+    )
+    print(json.dumps({**metrics, **norm}, indent=2))
+    if cfg.push_to_hub:
+        push_run(out, cfg.push_to_hub)
+
+
+if __name__ == "__main__":
+    cli.run(main, Config, presets=PRESETS)
