@@ -30,15 +30,15 @@ import torch
 from tqdm import tqdm
 
 from dgx_spark_summary_from_human_feedback import cli, tiny
-from dgx_spark_summary_from_human_feedback.checkpoint import export_final, push_run, resume_point, rng_state, save_checkpoint, set_rng_state
+from dgx_spark_summary_from_human_feedback.checkpoint import export_final, latest_checkpoint, push_run, resume_point, rng_state, save_checkpoint, set_rng_state
 from dgx_spark_summary_from_human_feedback.data import Lengths, load_stage_data, load_tokenizer
 from dgx_spark_summary_from_human_feedback.evaluate import rouge_scores
 from dgx_spark_summary_from_human_feedback.generation import query_tokens_of, summarize
 from dgx_spark_summary_from_human_feedback.models import disable_dropout, lm_loss_sum, load_policy
 from dgx_spark_summary_from_human_feedback.tracking import Logger, config_table, markdown_table, plot_curves, read_metrics
 from dgx_spark_summary_from_human_feedback.training import (
-    Precision, OptimizerKind, all_reduce_sum, batch_indices, get_lr, make_optimizer, micro_batch_layout,
-    micro_batches, seed_everything, set_lr, setup_runtime, steps_per_epoch,
+    OptimizerKind, Precision, Strategy, all_reduce_sum, batch_indices, distribute, full_state_dicts, get_lr, load_optimizer_state,
+    make_optimizer, micro_batch_layout, micro_batches, no_sync, seed_everything, set_lr, setup_runtime, steps_per_epoch,
 )  # fmt: skip
 
 
@@ -82,6 +82,8 @@ class Config:
     """auto = fp32 weights + bf16 autocast on CUDA, fp32 on CPU"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass (less memory, ~30% slower)"""
+    strategy: Strategy = "ddp"
+    """under torchrun: ddp (replicas) or fsdp2 (sharded weights and optimizer state)"""
     train_on_query: bool = False
     """also put loss on the query tokens (N+ did; the original implementation did not)"""
     query_length: int = 512
@@ -136,17 +138,16 @@ def sft_batch(rows: dict, train_on_query: bool, device) -> tuple[torch.Tensor, t
 
 
 @torch.no_grad()
-def evaluate_loss(model, data, micro_batch_size: int, runtime) -> float:
-    """Mean response-token loss over the fixed validation subset."""
-    model.eval()
+def evaluate_loss(loss_fn, data, micro_batch_size: int, runtime) -> float:
+    """Mean response-token loss over the fixed validation subset (each process scores a share)."""
     total, count = torch.zeros((), device=runtime.device), torch.zeros((), device=runtime.device)
-    for start in range(runtime.rank * micro_batch_size, len(data), micro_batch_size * runtime.world_size):
+    for start in range(0, len(data), micro_batch_size):
         ids, mask, labels = sft_batch(data[start : start + micro_batch_size], False, runtime.device)
+        share = slice(runtime.rank, None, runtime.world_size)  # FSDP2 needs every process in every forward
         with runtime.autocast():
-            loss_sum, n = lm_loss_sum(model, ids, mask, labels)
+            loss_sum, n = loss_fn(ids[share], mask[share], labels[share])
         total += loss_sum
         count += n
-    model.train()
     return float(all_reduce_sum(total, runtime) / all_reduce_sum(count, runtime).clamp(min=1))
 
 
@@ -184,19 +185,24 @@ def main(cfg: Config) -> None:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
-    optimizer = make_optimizer(list(model.parameters()), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps, kind=cfg.optimizer, device=runtime.device)
+    loss_fn = distribute(model, lm_loss_sum, runtime, cfg.strategy)  # DDP/FSDP2 under torchrun
+    optimizer = make_optimizer(
+        list(model.parameters()), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps, kind=cfg.optimizer,
+        device=runtime.device, sharded=cfg.strategy == "fsdp2" and runtime.world_size > 1,
+    )  # fmt: skip
     start_step = 0
     if resume:
-        optimizer.load_state_dict(resume[1]["optimizer"])
+        load_optimizer_state(model, optimizer, resume[1]["optimizer"])
         set_rng_state(resume[1]["rng"])
         start_step = resume[1]["step"]
         print(f"resumed from {resume[0]} at step {start_step}")
     logger = Logger(out, config, project=cfg.wandb_project, resume_step=start_step if resume else None, enabled=runtime.is_main)
 
     def checkpoint(step: int, val_loss: float) -> None:
+        model_state, optimizer_state = full_state_dicts(model, optimizer, runtime)  # collective under FSDP2
         if runtime.is_main:
-            state = {"optimizer": optimizer.state_dict(), "rng": rng_state(), "epoch": step // steps_per_epoch(len(train), cfg.batch_size)}
-            save_checkpoint(out, step, {"model": model}, tokenizer, state, config, metric=val_loss)
+            state = {"optimizer": optimizer_state, "rng": rng_state(), "epoch": step // steps_per_epoch(len(train), cfg.batch_size)}
+            save_checkpoint(out, step, {"model": model}, tokenizer, state, config, metric=val_loss, model_state_dicts={"model": model_state})
         runtime.barrier()
 
     # ---- loop: lr, eval/checkpoint, micro-steps, clip, step, log
@@ -206,7 +212,7 @@ def main(cfg: Config) -> None:
         lr = get_lr(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, decay_steps=cfg.decay_steps)
         set_lr(optimizer, lr)
         if step % cfg.eval_interval == 0 and step > start_step:
-            val_loss = evaluate_loss(model, val_loss_rows, cfg.micro_batch_size, runtime)
+            val_loss = evaluate_loss(loss_fn, val_loss_rows, cfg.micro_batch_size, runtime)
             logger.log({"val/loss": val_loss}, step)
             checkpoint(step, val_loss)
 
@@ -215,16 +221,18 @@ def main(cfg: Config) -> None:
         # labelled tokens of the whole batch: every response token (+ the query's after its first)
         n_labels = sum(lengths[i] - 1 if cfg.train_on_query else response_lengths[i] for i in indices)
         loss_total = torch.zeros((), device=runtime.device)
-        for micro in rows_per_micro:
+        for i, micro in enumerate(rows_per_micro):
             ids, mask, labels = sft_batch(train[micro], cfg.train_on_query, runtime.device)
-            with runtime.autocast():
-                loss_sum, _ = lm_loss_sum(model, ids, mask, labels)
-            # summed over the batch, divided by its label count: the same gradient for any
-            # micro-batch split (a per-micro-batch mean would weight short responses more)
-            (loss_sum / n_labels).backward()
+            with runtime.autocast(), no_sync(loss_fn, skip=i < len(rows_per_micro) - 1):
+                loss_sum, _ = loss_fn(ids, mask, labels)
+                # summed over the batch, divided by its label count: the same gradient for any
+                # micro-batch split (a per-micro-batch mean would weight short responses more);
+                # x world_size undoes the average over processes that DDP/FSDP2 apply
+                (loss_sum / n_labels * runtime.world_size).backward()
             loss_total += loss_sum.detach()
             tokens_seen += int(mask.sum())
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -234,11 +242,13 @@ def main(cfg: Config) -> None:
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
 
     # ---- final evaluation, checkpoint, export, report
-    val_loss = evaluate_loss(model, val_loss_rows, cfg.micro_batch_size, runtime)
+    val_loss = evaluate_loss(loss_fn, val_loss_rows, cfg.micro_batch_size, runtime)
     logger.log({"val/loss": val_loss}, total_steps)
     checkpoint(total_steps, val_loss)
     if not runtime.is_main:
         return
+    if getattr(model, "_is_fully_sharded", False):  # FSDP2: the main process continues on the full weights
+        model = load_policy(str(latest_checkpoint(out)), tokenizer, dtype=runtime.param_dtype, device=runtime.device)
     model.eval()
     samples = summarize(
         model, tokenizer, query_tokens_of(val_sample_rows, tokenizer, cfg.query_length), batch_size=cfg.micro_batch_size,

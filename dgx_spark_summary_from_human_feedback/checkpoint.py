@@ -68,12 +68,14 @@ def save_checkpoint(
     config: dict,
     metric: float | None = None,
     higher_is_better: bool = False,
+    model_state_dicts: dict[str, dict | None] | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically; keep it and the best one, delete the rest.
 
     `models`: the first is saved at the directory's root (so `from_pretrained(step_dir)` loads
     it), the others in subdirectories named by their keys. `state` holds tensors and plain
-    values only (it is read back with `weights_only=True`).
+    values only (it is read back with `weights_only=True`). `model_state_dicts` carries full
+    weights gathered from FSDP2 shards (see `training.full_state_dicts`).
     """
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -82,7 +84,8 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     for i, (name, model) in enumerate(models.items()):
         target = tmp if i == 0 else tmp / name
-        model.save_pretrained(str(target), safe_serialization=True)
+        state_dict = (model_state_dicts or {}).get(name)
+        model.save_pretrained(str(target), safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(str(target))
     torch.save({**state, "step": step}, tmp / STATE_FILE)
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))

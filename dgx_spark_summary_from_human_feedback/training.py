@@ -19,6 +19,7 @@ from .data import InputError
 
 Precision = Literal["auto", "bf16-autocast", "fp32", "bf16"]
 OptimizerKind = Literal["auto", "adamw8bit", "adamw-fused", "adamw"]
+Strategy = Literal["ddp", "fsdp2"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -42,7 +43,8 @@ def get_lr(step: int, *, lr: float, min_lr: float, warmup_steps: int, decay_step
 
 
 def make_optimizer(
-    params: list[torch.nn.Parameter], *, lr: float, betas: tuple[float, float], weight_decay: float, eps: float, kind: OptimizerKind, device: torch.device
+    params: list[torch.nn.Parameter], *, lr: float, betas: tuple[float, float], weight_decay: float, eps: float, kind: OptimizerKind, device: torch.device,
+    sharded: bool = False,
 ) -> torch.optim.Optimizer:
     """AdamW with weight decay on >= 2-D weights only (matrices and embeddings, not norms/biases).
 
@@ -55,7 +57,8 @@ def make_optimizer(
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     if kind == "auto":
-        kind = "adamw8bit" if device.type == "cuda" else "adamw-fused"
+        # FSDP2 shards parameters as DTensors, which bitsandbytes' kernels do not take
+        kind = "adamw8bit" if device.type == "cuda" and not sharded else "adamw-fused"
     if kind == "adamw8bit":
         if device.type != "cuda":
             raise InputError("--optimizer adamw8bit needs a CUDA device: use adamw-fused or adamw on CPU")
@@ -183,3 +186,73 @@ def all_reduce_sum(value: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     if runtime.world_size > 1:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed training through torch's engines (DDP, FSDP2)
+
+
+class Forward(torch.nn.Module):
+    """`fn(model, *args)` as a module, so DDP can wrap our custom forwards (response-only LM
+    head, score at EOS) and still synchronise gradients."""
+
+    def __init__(self, model: torch.nn.Module, fn):
+        super().__init__()
+        self.model = model
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(self.model, *args)
+
+
+def distribute(model: torch.nn.Module, fn, runtime: Runtime, strategy: Strategy = "ddp") -> torch.nn.Module:
+    """Wrap `fn(model, ...)` for this runtime: unchanged in one process; under torchrun DDP
+    (default) or FSDP2 (`fully_shard` on each decoder layer and the root, for models whose
+    weights and optimizer state do not fit on one device)."""
+    wrapper = Forward(model, fn)
+    if runtime.world_size == 1:
+        return wrapper
+    if strategy == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.base_model.layers:
+            fully_shard(layer)
+        fully_shard(wrapper)  # the root: embeddings, final norm and head gather around each call
+        model._is_fully_sharded = True
+        return wrapper
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(wrapper, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+
+
+def no_sync(wrapper: torch.nn.Module, skip: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of an optimizer step."""
+    if hasattr(wrapper, "no_sync"):  # DDP
+        return wrapper.no_sync() if skip else contextlib.nullcontext()
+    if hasattr(wrapper, "set_requires_gradient_sync"):  # FSDP2
+        wrapper.set_requires_gradient_sync(not skip)
+    return contextlib.nullcontext()
+
+
+def full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer, runtime: Runtime) -> tuple[dict | None, dict]:
+    """(model state dict or None when plain, optimizer state dict), gathered in full for saving.
+
+    Collective under FSDP2: every rank must call it. With DDP or one process the model saves
+    itself (`save_pretrained`), so only the optimizer's own state dict is returned.
+    """
+    if not getattr(model, "_is_fully_sharded", False):
+        return None, optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a full optimizer state dict saved by `full_state_dicts` (sharding it under FSDP2)."""
+    if not getattr(model, "_is_fully_sharded", False):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
