@@ -49,8 +49,8 @@ from dgx_spark_summary_from_human_feedback.models import (
 )  # fmt: skip
 from dgx_spark_summary_from_human_feedback.tracking import Logger, config_table, markdown_table, plot_curves, read_metrics
 from dgx_spark_summary_from_human_feedback.training import (
-    OptimizerKind, Precision, all_reduce_sum, batch_indices, frozen_dtype, get_lr, make_optimizer, micro_batch_layout,
-    seed_everything, set_lr, setup_runtime,
+    OptimizerKind, Precision, all_reduce_sum, batch_indices, distribute, frozen_dtype, get_lr, make_optimizer, micro_batch_layout,
+    no_sync, seed_everything, set_lr, setup_runtime,
 )  # fmt: skip
 
 
@@ -263,6 +263,10 @@ def main(cfg: Config, score_fn: ScoreFn | None = None) -> dict:
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
         value_model.gradient_checkpointing_enable()
+    # under torchrun each process samples and scores its share of the rollout; DDP averages the
+    # gradients of policy and value (FSDP2 is not offered here: sampling needs whole weights)
+    policy_logits = distribute(policy, response_logits, runtime)
+    value_fn = distribute(value_model, value_predictions, runtime)
     kwargs = dict(lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-5, kind=cfg.optimizer, device=runtime.device)  # N+: eps 1e-5
     policy_optimizer = make_optimizer(list(policy.parameters()), **kwargs)
     value_optimizer = make_optimizer(list(value_model.parameters()), **kwargs)
@@ -328,24 +332,25 @@ def main(cfg: Config, score_fn: ScoreFn | None = None) -> dict:
                 if i % grad_accum_steps == 0:  # real tokens of the minibatch this micro-batch opens
                     minibatch_tokens = mask[order[start : start + micro * grad_accum_steps]].sum()
                 mb = order[start : start + micro]
-                mb_mask = mask[mb]
-                with runtime.autocast():
-                    logits = response_logits(policy, data["query_responses"][mb], data["attention_mask"][mb], data["context_length"], cfg.temperature)
-                    new_values = value_predictions(value_model, data["query_responses"][mb], data["attention_mask"][mb], data["context_length"])
-                new_logprobs = logprobs_from_logits(logits, data["responses"][mb])
-                # clipped value loss
-                mb_values, mb_returns = data["values"][mb], returns[mb]
-                values_clipped = mb_values + (new_values - mb_values).clamp(-cfg.cliprange_value, cfg.cliprange_value)
-                vf_losses = torch.max((new_values - mb_returns) ** 2, (values_clipped - mb_returns) ** 2)
-                v_loss = 0.5 * (vf_losses * mb_mask).sum() / minibatch_tokens
-                # clipped surrogate
-                log_ratio = (new_logprobs - data["logprobs"][mb]) * mb_mask
-                ratio = torch.exp(log_ratio)
-                mb_advantages = advantages[mb]
-                pg_losses = torch.max(-mb_advantages * ratio, -mb_advantages * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange))
-                pg_loss = (pg_losses * mb_mask).sum() / minibatch_tokens
-                loss = pg_loss + cfg.vf_coef * v_loss
-                loss.backward()
+                mb_mask, mb_query_responses, mb_attention_mask = mask[mb], data["query_responses"][mb], data["attention_mask"][mb]
+                last_micro = (i + 1) % grad_accum_steps == 0 or start + micro >= local
+                with runtime.autocast(), no_sync(policy_logits, not last_micro), no_sync(value_fn, not last_micro):
+                    logits = policy_logits(mb_query_responses, mb_attention_mask, data["context_length"], cfg.temperature)
+                    new_values = value_fn(mb_query_responses, mb_attention_mask, data["context_length"])
+                    new_logprobs = logprobs_from_logits(logits, data["responses"][mb])
+                    # clipped value loss
+                    mb_values, mb_returns = data["values"][mb], returns[mb]
+                    values_clipped = mb_values + (new_values - mb_values).clamp(-cfg.cliprange_value, cfg.cliprange_value)
+                    vf_losses = torch.max((new_values - mb_returns) ** 2, (values_clipped - mb_returns) ** 2)
+                    v_loss = 0.5 * (vf_losses * mb_mask).sum() / minibatch_tokens
+                    # clipped surrogate
+                    log_ratio = (new_logprobs - data["logprobs"][mb]) * mb_mask
+                    ratio = torch.exp(log_ratio)
+                    mb_advantages = advantages[mb]
+                    pg_losses = torch.max(-mb_advantages * ratio, -mb_advantages * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange))
+                    pg_loss = (pg_losses * mb_mask).sum() / minibatch_tokens
+                    loss = pg_loss + cfg.vf_coef * v_loss
+                    loss.backward()
                 with torch.no_grad():
                     stats["approxkl"].append(masked_mean(0.5 * log_ratio**2, mb_mask))
                     stats["clipfrac"].append(masked_mean((ratio - 1).abs() > cfg.cliprange, mb_mask))
@@ -354,8 +359,7 @@ def main(cfg: Config, score_fn: ScoreFn | None = None) -> dict:
                     stats["ratio"].append(masked_mean(ratio, mb_mask))
                     stats["pg_loss"].append(masked_mean(pg_losses, mb_mask))
                     stats["vf_loss"].append(0.5 * masked_mean(vf_losses, mb_mask))
-                if (i + 1) % grad_accum_steps == 0 or start + micro >= local:
-                    all_reduce_grads(trainable, runtime)
+                if last_micro:
                     torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
                     policy_optimizer.step()
                     value_optimizer.step()
@@ -397,17 +401,6 @@ def main(cfg: Config, score_fn: ScoreFn | None = None) -> dict:
     if cfg.push_to_hub:
         push_run(out, cfg.push_to_hub)
     return final
-
-
-def all_reduce_grads(params: list[torch.nn.Parameter], runtime) -> None:
-    """Average gradients across torchrun processes (each holds its share of the rollout)."""
-    if runtime.world_size == 1:
-        return
-    import torch.distributed as dist
-
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
 
 
 def write_samples(out: Path, update: int, tokenizer, data: dict, rows: dict, n: int = 8) -> None:

@@ -39,13 +39,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dgx_spark_summary_from_human_feedback import cli, tiny
-from dgx_spark_summary_from_human_feedback.checkpoint import export_final, push_run, resume_point, rng_state, save_checkpoint, set_rng_state
+from dgx_spark_summary_from_human_feedback.checkpoint import export_final, latest_checkpoint, push_run, resume_point, rng_state, save_checkpoint, set_rng_state
 from dgx_spark_summary_from_human_feedback.data import InputError, Lengths, load_stage_data, load_tokenizer
 from dgx_spark_summary_from_human_feedback.models import disable_dropout, get_score, load_reward_model
 from dgx_spark_summary_from_human_feedback.tracking import Logger, config_table, markdown_table, plot_curves, read_metrics
 from dgx_spark_summary_from_human_feedback.training import (
-    OptimizerKind, Precision, all_reduce_sum, batch_indices, get_lr, make_optimizer, micro_batch_layout, micro_batches,
-    seed_everything, set_lr, setup_runtime, steps_per_epoch,
+    OptimizerKind, Precision, Strategy, all_reduce_sum, batch_indices, distribute, full_state_dicts, get_lr, load_optimizer_state,
+    make_optimizer, micro_batch_layout, micro_batches, no_sync, seed_everything, set_lr, setup_runtime, steps_per_epoch,
 )  # fmt: skip
 
 
@@ -85,6 +85,8 @@ class Config:
     """auto = fp32 weights + bf16 autocast on CUDA, fp32 on CPU"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass (less memory)"""
+    strategy: Strategy = "ddp"
+    """under torchrun: ddp (replicas) or fsdp2 (sharded weights and optimizer state)"""
     query_length: int = 512
     """query tokens when processing raw data"""
     response_length: int = 133
@@ -135,24 +137,25 @@ def pair_batch(rows: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
     return ids.to(device), mask.long().to(device)
 
 
-def pair_scores(model, rows: dict, runtime) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B,) scores of the chosen and of the rejected summaries, from one forward pass."""
+def pair_scores(score_fn, rows: dict, runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) scores of the chosen and of the rejected summaries, from one forward pass.
+
+    `score_fn(ids, mask)` is `get_score` bound to the model (wrapped by DDP/FSDP2 under torchrun).
+    """
     ids, mask = pair_batch(rows, runtime.device)
     with runtime.autocast():
-        scores = get_score(model, ids, mask)
+        scores = score_fn(ids, mask)
     return scores.chunk(2)
 
 
 @torch.no_grad()
-def score_split(model, data, micro_batch_size: int, runtime) -> tuple[torch.Tensor, torch.Tensor]:
+def score_split(score_fn, data, micro_batch_size: int, runtime) -> tuple[torch.Tensor, torch.Tensor]:
     """(N,) chosen and rejected scores of every comparison in `data`."""
-    model.eval()
     chosen, rejected = [], []
     for start in range(0, len(data), micro_batch_size):
-        c, r = pair_scores(model, data[start : start + micro_batch_size], runtime)
+        c, r = pair_scores(score_fn, data[start : start + micro_batch_size], runtime)
         chosen.append(c.float().cpu())
         rejected.append(r.float().cpu())
-    model.train()
     return torch.cat(chosen), torch.cat(rejected)
 
 
@@ -217,7 +220,7 @@ def evaluate_splits(model, ds, cfg: Config, runtime, out: Path) -> tuple[dict, s
         data = ds[split]
         if cfg.max_final_eval_rows:
             data = data.select(range(min(cfg.max_final_eval_rows, len(data))))
-        chosen, rejected = score_split(model, data.with_format("torch", columns=PAIR_COLUMNS), cfg.micro_batch_size, runtime)
+        chosen, rejected = score_split(lambda ids, mask: get_score(model, ids, mask), data.with_format("torch", columns=PAIR_COLUMNS), cfg.micro_batch_size, runtime)
         accuracy = float((chosen > rejected).float().mean())
         metrics[f"eval/{split}/accuracy"] = accuracy
         metrics[f"eval/{split}/margin"] = float((chosen - rejected).mean())
@@ -278,22 +281,27 @@ def main(cfg: Config) -> None:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
-    optimizer = make_optimizer(list(model.parameters()), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8, kind=cfg.optimizer, device=runtime.device)
+    score_fn = distribute(model, get_score, runtime, cfg.strategy)  # DDP/FSDP2 under torchrun
+    optimizer = make_optimizer(
+        list(model.parameters()), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8, kind=cfg.optimizer,
+        device=runtime.device, sharded=cfg.strategy == "fsdp2" and runtime.world_size > 1,
+    )  # fmt: skip
     start_step = 0
     if resume:
-        optimizer.load_state_dict(resume[1]["optimizer"])
+        load_optimizer_state(model, optimizer, resume[1]["optimizer"])
         set_rng_state(resume[1]["rng"])
         start_step = resume[1]["step"]
         print(f"resumed from {resume[0]} at step {start_step}")
     logger = Logger(out, config, project=cfg.wandb_project, resume_step=start_step if resume else None, enabled=runtime.is_main)
 
     def evaluate_and_checkpoint(step: int) -> float:
-        chosen, rejected = score_split(model, val_rows, cfg.micro_batch_size, runtime)
+        chosen, rejected = score_split(score_fn, val_rows, cfg.micro_batch_size, runtime)  # every process scores all
         accuracy = float((chosen > rejected).float().mean())
         logger.log({"val/accuracy": accuracy, "val/margin": float((chosen - rejected).mean())}, step)
+        model_state, optimizer_state = full_state_dicts(model, optimizer, runtime)  # collective under FSDP2
         if runtime.is_main:
-            state = {"optimizer": optimizer.state_dict(), "rng": rng_state()}
-            save_checkpoint(out, step, {"model": model}, tokenizer, state, config, metric=accuracy, higher_is_better=True)
+            state = {"optimizer": optimizer_state, "rng": rng_state()}
+            save_checkpoint(out, step, {"model": model}, tokenizer, state, config, metric=accuracy, higher_is_better=True, model_state_dicts={"model": model_state})
         runtime.barrier()
         return accuracy
 
@@ -308,16 +316,21 @@ def main(cfg: Config) -> None:
 
         indices = batch_indices(step, len(train), cfg.batch_size, cfg.seed)
         loss_total, correct, margin = (torch.zeros((), device=runtime.device) for _ in range(3))
-        for micro in micro_batches(indices, [pair_lengths[i] for i in indices], cfg.micro_batch_size, runtime.rank, runtime.world_size):
+        micros = list(micro_batches(indices, [pair_lengths[i] for i in indices], cfg.micro_batch_size, runtime.rank, runtime.world_size))
+        for i, micro in enumerate(micros):
             rows = train[micro]
-            chosen, rejected = pair_scores(model, rows, runtime)
-            loss_sum = -F.logsigmoid(chosen - rejected).sum()
-            (loss_sum / cfg.batch_size).backward()  # mean over the whole batch, any micro-batch split
+            with no_sync(score_fn, skip=i < len(micros) - 1):
+                chosen, rejected = pair_scores(score_fn, rows, runtime)
+                loss_sum = -F.logsigmoid(chosen - rejected).sum()
+                # mean over the whole batch for any micro-batch split; x world_size undoes the
+                # average over processes that DDP/FSDP2 apply
+                (loss_sum / cfg.batch_size * runtime.world_size).backward()
             loss_total += loss_sum.detach()
             correct += (chosen > rejected).sum().detach()
             margin += (chosen - rejected).sum().detach()
             tokens_seen += int(rows["query_chosen_token_len"].sum() + rows["query_rejected_token_len"].sum())
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -328,6 +341,9 @@ def main(cfg: Config) -> None:
     evaluate_and_checkpoint(total_steps)
     if not runtime.is_main:
         return
+    if getattr(model, "_is_fully_sharded", False):  # FSDP2: the main process continues on the full weights
+        model = load_reward_model(str(latest_checkpoint(out)), tokenizer, dtype=runtime.param_dtype, device=runtime.device)
+    model.eval()
 
     # ---- normalise so reference summaries score 0 on average (N+ detail 12), evaluate, save
     sft = load_stage_data(cfg.sft_dataset, tokenizer, "sft", ("train",), Lengths(cfg.query_length, 63))["train"]
