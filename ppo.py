@@ -282,7 +282,8 @@ def main(cfg: Config, score_fn: ScoreFn | None = None) -> dict:
         set_rng_state(state["rng"])
         start_update = state["step"]
         print(f"resumed from {resume[0]} at update {start_update}")
-    logger = Logger(out, config, project=cfg.wandb_project, resume_step=start_update if resume else None, enabled=runtime.is_main)
+    # records are logged at update + 1: those up to the resumed update stay
+    logger = Logger(out, config, project=cfg.wandb_project, resume_step=start_update + 1 if resume else None, enabled=runtime.is_main)
     trainable = list(policy.parameters()) + list(value_model.parameters())
 
     def checkpoint(update: int) -> None:

@@ -294,10 +294,12 @@ def main(cfg: Config) -> None:
         print(f"resumed from {resume[0]} at step {start_step}")
     logger = Logger(out, config, project=cfg.wandb_project, resume_step=start_step if resume else None, enabled=runtime.is_main)
 
-    def evaluate_and_checkpoint(step: int) -> float:
+    def evaluate_and_checkpoint(step: int, save: bool = True) -> float:
         chosen, rejected = score_split(score_fn, val_rows, cfg.micro_batch_size, runtime)  # every process scores all
         accuracy = float((chosen > rejected).float().mean())
         logger.log({"val/accuracy": accuracy, "val/margin": float((chosen - rejected).mean())}, step)
+        if not save:
+            return accuracy
         model_state, optimizer_state = full_state_dicts(model, optimizer, runtime)  # collective under FSDP2
         if runtime.is_main:
             state = {"optimizer": optimizer_state, "rng": rng_state()}
@@ -311,8 +313,8 @@ def main(cfg: Config) -> None:
     for step in bar:
         lr = get_lr(step, lr=cfg.lr, min_lr=0.0, warmup_steps=warmup_steps, decay_steps=total_steps)
         set_lr(optimizer, lr)
-        if step % cfg.eval_interval == 0 and step > start_step:
-            evaluate_and_checkpoint(step)
+        if step % cfg.eval_interval == 0 and (step > start_step or resume):
+            evaluate_and_checkpoint(step, save=step > start_step)  # a resumed run logs its first evaluation again
 
         indices = batch_indices(step, len(train), cfg.batch_size, cfg.seed)
         loss_total, correct, margin = (torch.zeros((), device=runtime.device) for _ in range(3))

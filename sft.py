@@ -211,10 +211,11 @@ def main(cfg: Config) -> None:
     for step in bar:
         lr = get_lr(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, decay_steps=cfg.decay_steps)
         set_lr(optimizer, lr)
-        if step % cfg.eval_interval == 0 and step > start_step:
+        if step % cfg.eval_interval == 0 and (step > start_step or resume):
             val_loss = evaluate_loss(loss_fn, val_loss_rows, cfg.micro_batch_size, runtime)
             logger.log({"val/loss": val_loss}, step)
-            checkpoint(step, val_loss)
+            if step > start_step:  # a resumed run logs its first step's evaluation again, but keeps its checkpoint
+                checkpoint(step, val_loss)
 
         indices = batch_indices(step, len(train), cfg.batch_size, cfg.seed)
         rows_per_micro = list(micro_batches(indices, [lengths[i] for i in indices], cfg.micro_batch_size, runtime.rank, runtime.world_size))

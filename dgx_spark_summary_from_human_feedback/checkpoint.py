@@ -146,7 +146,8 @@ def resume_point(out_dir: str | Path, config: dict, allow_config_change: bool) -
     if step_dir is None:
         return None
     saved = json.loads((step_dir / CONFIG_FILE).read_text())
-    check_resume_config(saved, config, allow_config_change)
+    current = json.loads(json.dumps(config, default=str))  # compare as saved: tuples become lists
+    check_resume_config(saved, current, allow_config_change)
     return step_dir, load_state(step_dir)
 
 

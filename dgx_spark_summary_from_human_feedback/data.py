@@ -232,14 +232,28 @@ class Report:
     dropped: Counter = field(default_factory=Counter)
 
 
-def _response_ids(tokenizer, text: str, max_len: int, long_response: str) -> list[int] | None:
-    """Tokens of `text` followed by EOS; None when too long and `long_response` is "drop"."""
-    ids = encode(tokenizer, text) + [tokenizer.eos_token_id]
-    if len(ids) <= max_len:
-        return ids
-    if long_response == "truncate":
-        return ids[: max_len - 1] + [tokenizer.eos_token_id]
-    return None
+def fit_queries(tokenizer, fields_list: list[dict[str, str]], length: int, format_str: str = QUERY_FORMAT, cut_order=("post", "title", "subreddit")) -> list[tuple[list[int], dict[str, str], str]]:
+    """`truncate_query` for many rows: one batched tokenisation, the search only where too long."""
+    if not fields_list:
+        return []
+    first = tokenizer([format_str.format(**f) for f in fields_list], add_special_tokens=False)["input_ids"]
+    return [
+        (ids, f, "") if len(ids) <= length else truncate_query(tokenizer, f, length=length, format_str=format_str, cut_order=cut_order)
+        for ids, f in zip(first, fields_list)
+    ]
+
+
+def response_ids(tokenizer, texts: list[str], max_len: int, long_response: str) -> list[tuple[list[int] | None, bool]]:
+    """(tokens + EOS, was cut) per text; None when too long and `long_response` is "drop"."""
+    eos = tokenizer.eos_token_id
+    out = []
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []:
+        ids = ids + [eos]
+        if len(ids) <= max_len:
+            out.append((ids, False))
+        else:
+            out.append((ids[: max_len - 1] + [eos], True) if long_response == "truncate" else (None, False))
+    return out
 
 
 def _query_response(query_ids: list[int], response_ids: list[int], total: int, pad_id: int) -> tuple[list[int], list[int]]:
@@ -266,27 +280,28 @@ def process_sft(
 
     def process(batch: dict, split: str) -> dict:
         out: dict[str, list] = {k: [] for k in SFT_COLUMNS}
+        valid = []
         for row in (dict(zip(batch, values)) for values in zip(*batch.values())):
             report.rows_in[split] += 1
             try:
-                fields = sft_query_fields(row)
-                summary = _text(row, "summary", "", allow_empty=False)
+                valid.append((row, sft_query_fields(row), _text(row, "summary", "", allow_empty=False)))
             except InputError as e:
                 if not skip_bad_rows:
                     raise
                 report.dropped[f"bad row ({str(e).split(': ', 1)[1]})"] += 1
-                continue
-            query_ids, fields, how = truncate_query(tokenizer, fields, length=lengths.query)
-            response_text = " " + summary  # the dataset's summaries have no leading space
-            response_ids = _response_ids(tokenizer, response_text, lengths.response, long_response)
-            if response_ids is None:
+        queries = fit_queries(tokenizer, [fields for _, fields, _ in valid], lengths.query)
+        # the dataset's summaries have no leading space: the response is " " + summary + EOS
+        responses = response_ids(tokenizer, [" " + summary for _, _, summary in valid], lengths.response, long_response)
+        for (row, _, summary), (query_ids, fields, how), (summary_ids, cut) in zip(valid, queries, responses):
+            response_text = " " + summary
+            if summary_ids is None:
                 report.dropped[f"response over {lengths.response} tokens"] += 1
                 continue
             if how:
                 report.truncated[f"query cut ({how})"] += 1
-            if len(response_ids) < len(encode(tokenizer, response_text)) + 1:
+            if cut:
                 report.truncated[f"response cut to {lengths.response} tokens"] += 1
-            qr_ids, labels = _query_response(query_ids, response_ids, lengths.query_response, pad)
+            qr_ids, labels = _query_response(query_ids, summary_ids, lengths.query_response, pad)
             report.rows_out[split] += 1
             out["id"].append(str(row.get("id", "")))
             out["subreddit"].append(fields["subreddit"])
@@ -297,12 +312,12 @@ def process_sft(
             out["query_token"].append(left_pad(query_ids, lengths.query, pad))
             out["query_token_len"].append(len(query_ids))
             out["reference_response"].append(response_text + eos_text)
-            out["reference_response_token"].append(right_pad(response_ids, lengths.response, pad))
-            out["reference_response_token_len"].append(len(response_ids))
+            out["reference_response_token"].append(right_pad(summary_ids, lengths.response, pad))
+            out["reference_response_token_len"].append(len(summary_ids))
             out["query_reference_response"].append(QUERY_FORMAT.format(**fields) + response_text + eos_text)
             out["query_reference_response_token"].append(qr_ids)
             out["query_reference_response_token_response_label"].append(labels)
-            out["query_reference_response_token_len"].append(len(query_ids) + len(response_ids))
+            out["query_reference_response_token_len"].append(len(query_ids) + len(summary_ids))
         return out
 
     return datasets.DatasetDict(
@@ -354,30 +369,27 @@ def process_comparisons(
 
     def process(batch: dict, source_split: str, target: str) -> dict:
         out: dict[str, list] = {k: [] for k in COMPARISON_COLUMNS}
+        valid = []
         for row in (dict(zip(batch, values)) for values in zip(*batch.values())):
             if comparison_split(row, source_split) != target:
                 continue
             report.rows_in[target] += 1
             try:
-                fields, cnndm = comparison_query_fields(row)
-                chosen, rejected = comparison_pair(row)
+                valid.append((row, *comparison_query_fields(row), *comparison_pair(row)))
             except InputError as e:
                 if not skip_bad_rows:
                     raise
                 report.dropped[f"bad row ({str(e).split(': ', 1)[1]})"] += 1
-                continue
-            if cnndm:
-                query_len = lengths.cnndm_query
-                query_ids, fields, how = truncate_query(
-                    tokenizer, fields, length=query_len, format_str=CNNDM_QUERY_FORMAT, cut_order=("article",)
-                )
-                query = CNNDM_QUERY_FORMAT.format(**fields)
-            else:
-                query_len = lengths.query
-                query_ids, fields, how = truncate_query(tokenizer, fields, length=query_len)
-                query = QUERY_FORMAT.format(**fields)
-            # the comparison summaries already begin with a space: only EOS is appended
-            pair = {k: _response_ids(tokenizer, s["text"], lengths.response, long_response) for k, s in (("chosen", chosen), ("rejected", rejected))}
+        reddit = iter(fit_queries(tokenizer, [f for _, f, cnndm, _, _ in valid if not cnndm], lengths.query))
+        articles = iter(fit_queries(tokenizer, [f for _, f, cnndm, _, _ in valid if cnndm], lengths.cnndm_query, CNNDM_QUERY_FORMAT, ("article",)))
+        # the comparison summaries already begin with a space: only EOS is appended
+        texts = [s["text"] for _, _, _, chosen, rejected in valid for s in (chosen, rejected)]
+        summaries = iter(response_ids(tokenizer, texts, lengths.response, long_response))
+        for row, _, cnndm, chosen, rejected in valid:
+            query_ids, fields, how = next(articles) if cnndm else next(reddit)
+            query_len = lengths.cnndm_query if cnndm else lengths.query
+            query = (CNNDM_QUERY_FORMAT if cnndm else QUERY_FORMAT).format(**fields)
+            pair = {"chosen": next(summaries)[0], "rejected": next(summaries)[0]}
             if pair["chosen"] is None or pair["rejected"] is None:
                 report.dropped[f"response over {lengths.response} tokens"] += 1
                 continue

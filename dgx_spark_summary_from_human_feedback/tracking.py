@@ -14,7 +14,8 @@ class Logger:
     """Appends every record to OUT/metrics.jsonl and mirrors it to wandb when a project is set.
 
     wandb never prompts: without WANDB_API_KEY (and no WANDB_MODE) it runs offline. On
-    resume, records past the resumed step are dropped so the file reads as one clean run.
+    resume at step k, records from step k on are dropped (the resumed run logs them again), so
+    the file reads as one clean run.
     Non-main ranks of a torchrun job log nothing.
     """
 
@@ -26,7 +27,7 @@ class Logger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= resume_step]
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) < resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         elif resume_step is None:
             self.path.write_text("")
