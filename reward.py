@@ -44,7 +44,7 @@ from dgx_spark_summary_from_human_feedback.data import InputError, Lengths, load
 from dgx_spark_summary_from_human_feedback.models import disable_dropout, get_score, load_reward_model
 from dgx_spark_summary_from_human_feedback.tracking import Logger, config_table, markdown_table, plot_curves, read_metrics
 from dgx_spark_summary_from_human_feedback.training import (
-    OptimizerKind, Precision, Strategy, all_reduce_sum, batch_indices, distribute, full_state_dicts, get_lr, load_optimizer_state,
+    OptimizerKind, Precision, Strategy, all_reduce_sum, batch_indices, check_finite, distribute, full_state_dicts, get_lr, load_optimizer_state,
     make_optimizer, micro_batch_layout, micro_batches, no_sync, seed_everything, set_lr, setup_runtime, steps_per_epoch,
 )  # fmt: skip
 
@@ -333,6 +333,7 @@ def main(cfg: Config) -> None:
             tokens_seen += int(rows["query_chosen_token_len"].sum() + rows["query_rejected_token_len"].sum())
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        check_finite(step, {"train/loss": float(loss_total) / cfg.batch_size, "grad_norm": float(grad_norm)}, out)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -68,6 +68,21 @@ def make_optimizer(
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=kind == "adamw-fused")
 
 
+def check_finite(step: int, terms: dict[str, float], out_dir) -> None:
+    """NaN/Inf guard: stop before a non-finite update is applied, naming the step, the loss terms
+    and the last good checkpoint, instead of training on garbage for hours."""
+    if all(math.isfinite(v) for v in terms.values()):
+        return
+    from .checkpoint import latest_checkpoint
+
+    values = ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+    last = latest_checkpoint(out_dir)
+    raise InputError(
+        f"step {step}: non-finite training values ({values}); the update was not applied. Last good checkpoint: "
+        f"{last if last else 'none yet'}; rerun with --resume (and e.g. a lower --lr) to continue from it"
+    )
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
