@@ -53,7 +53,7 @@ class Config:
 
 
 def run_stage(script: str, args: list[str], nproc: int) -> float:
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
     command = launcher + [str(REPO / script)] + args
     print("$ " + " ".join(shlex.quote(c) for c in command), flush=True)
     start = time.time()
