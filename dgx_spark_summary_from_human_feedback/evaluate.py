@@ -121,7 +121,7 @@ FIRST provide a one-sentence comparison of the two summaries, explaining which y
 Comparison: <one-sentence comparison and explanation>
 Preferred: <"A" or "B">"""
 
-_PREFERRED = re.compile(r"Preferred:\s*\**\s*[\"'“”]?\s*([AB])\b", re.IGNORECASE)
+_PREFERRED = re.compile(r"Preferred:\s*\**\s*(?:summary\s+)?[\"'“”]?\s*([AB])\b", re.IGNORECASE)
 
 
 def parse_verdict(reply: str) -> str | None:
@@ -130,7 +130,7 @@ def parse_verdict(reply: str) -> str | None:
     return found[-1].upper() if found else None
 
 
-class JudgeError(RuntimeError):
+class JudgeError(InputError):
     pass
 
 
@@ -335,12 +335,12 @@ def _ci(w: dict) -> str:
 def main(cfg: Config) -> dict:
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if (cfg.judge_url is None) != (cfg.judge_model is None):
         raise InputError("pass --judge-url and --judge-model together")
     if cfg.head_to_head and len(cfg.policy) < 2:
         raise InputError("--head-to-head needs two --policy checkpoints")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
     rows = load_rows(cfg.dataset, cfg.split, cfg.num_samples, None)
     judge = None
     if cfg.judge_url:
@@ -402,7 +402,8 @@ def main(cfg: Config) -> dict:
         for records in per_policy.values():
             for r in records:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    _plots(out, per_policy, reference_scores)
+    if reward_model is not None:
+        _plots(out, per_policy, reference_scores)
     write_report(out, cfg, summary, head_to_head, len(rows))
     print((out / "report.md").read_text())
     return {"summary": summary, "head_to_head": head_to_head}
@@ -429,7 +430,8 @@ def write_report(out: Path, cfg: Config, summary: dict, head_to_head: dict, n: i
         if "judge" in head_to_head:
             lines.append(f"- win rate of the first, judge {llm_judge}: {_ci(head_to_head['judge'])}")
         lines.append("")
-    lines.append("![win rate vs length](winrate_vs_length.png)\n\n![score histogram](score_histogram.png)\n")
+    if cfg.reward_path:
+        lines.append("![win rate vs length](winrate_vs_length.png)\n\n![score histogram](score_histogram.png)\n")
     if cfg.judge_url:
         lines.append(f"## Judge prompt\n\n```\n{JUDGE_PROMPT}\n```\n")
     (out / "report.md").write_text("\n".join(lines))
