@@ -19,7 +19,6 @@ no stemming), written out here: 40 lines instead of a dependency.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import hashlib
 import json
 import math
@@ -42,6 +41,7 @@ from . import cli
 from .data import InputError, encode, load_tokenizer, right_pad
 from .generation import load_rows, query_tokens_of, summarize
 from .models import get_score, load_policy, load_reward_model
+from .training import frozen_dtype, setup_runtime
 
 
 def rouge_tokens(text: str) -> list[str]:
@@ -333,8 +333,8 @@ def _ci(w: dict) -> str:
 
 
 def main(cfg: Config) -> dict:
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    runtime = setup_runtime(cfg.device)
+    device, dtype, autocast = runtime.device, frozen_dtype(runtime), runtime.autocast
     if (cfg.judge_url is None) != (cfg.judge_model is None):
         raise InputError("pass --judge-url and --judge-model together")
     if cfg.head_to_head and len(cfg.policy) < 2:
@@ -349,7 +349,7 @@ def main(cfg: Config) -> dict:
     reward_model = rm_tokenizer = None
     if cfg.reward_path:
         rm_tokenizer = load_tokenizer(cfg.reward_path)
-        reward_model = load_reward_model(cfg.reward_path, rm_tokenizer, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device).eval()
+        reward_model = load_reward_model(cfg.reward_path, rm_tokenizer, dtype=dtype, device=device).eval()
     posts = [r.get("post") or r.get("query", "") for r in rows]
 
     # ---- generate and score every policy
@@ -357,7 +357,7 @@ def main(cfg: Config) -> dict:
     reference_scores = None
     for path in cfg.policy:
         tokenizer = load_tokenizer(path)
-        model = load_policy(path, tokenizer, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device).eval()
+        model = load_policy(path, tokenizer, dtype=dtype, device=device).eval()
         references = [_reference(r, tokenizer.eos_token) for r in rows]
         samples = summarize(model, tokenizer, query_tokens_of(rows, tokenizer, cfg.query_length), batch_size=cfg.batch_size,
                             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed, autocast=autocast)  # fmt: skip

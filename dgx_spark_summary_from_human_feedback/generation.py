@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 from . import cli
-from .data import InputError, encode, is_processed, left_pad, load_processed, load_raw, load_tokenizer, sft_query_fields, truncate_query
+from .data import InputError, is_processed, left_pad, load_processed, load_raw, load_tokenizer, sft_query_fields, truncate_query
 from .models import load_policy, position_ids
+from .training import frozen_dtype, setup_runtime
 from .tracking import markdown_table
 
 
@@ -110,7 +111,6 @@ def summarize(
     import contextlib
 
     generator = torch.Generator(device=model.device).manual_seed(seed)
-    results = []
     order = sorted(range(len(query_tokens)), key=lambda i: -len(query_tokens[i]))  # similar lengths together
     by_index = {}
     for start in range(0, len(order), batch_size):
@@ -125,8 +125,7 @@ def summarize(
         for row, i in enumerate(idx):
             tokens = responses[row][keep[row]].tolist()
             by_index[i] = {"response": tokenizer.decode(tokens, skip_special_tokens=True), "response_token": tokens, "has_eos": bool(has_eos[row])}
-    results = [by_index[i] for i in range(len(query_tokens))]
-    return results
+    return [by_index[i] for i in range(len(query_tokens))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,14 +205,14 @@ class Config:
 
 
 def main(cfg: Config) -> list[dict]:
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
+    runtime = setup_runtime(cfg.device)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.checkpoint)
-    model = load_policy(cfg.checkpoint, tokenizer, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device).eval()
+    model = load_policy(cfg.checkpoint, tokenizer, dtype=frozen_dtype(runtime), device=runtime.device).eval()
     rows = load_rows(cfg.dataset, cfg.split, cfg.num_samples, cfg.prompt_file)
     queries = query_tokens_of(rows, tokenizer, cfg.query_length)
     samples = summarize(
         model, tokenizer, queries, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-        top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed,
+        top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed, autocast=runtime.autocast,
     )  # fmt: skip
     records = []
     for row, q, s in zip(rows, queries, samples):

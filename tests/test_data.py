@@ -14,7 +14,6 @@ from dgx_spark_summary_from_human_feedback import tiny
 from dgx_spark_summary_from_human_feedback.data import (
     QUERY_FORMAT,
     InputError,
-    Lengths,
     Report,
     encode,
     load_raw,
