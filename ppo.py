@@ -41,11 +41,12 @@ import torch
 from tqdm import tqdm
 
 from dgx_spark_summary_from_human_feedback import cli, tiny
-from dgx_spark_summary_from_human_feedback.checkpoint import export_final, push_run, resume_point, rng_state, save_checkpoint, set_rng_state
+from dgx_spark_summary_from_human_feedback.checkpoint import export_final, make_output_dir, push_run, resume_point, rng_state, save_checkpoint, set_rng_state
 from dgx_spark_summary_from_human_feedback.data import Lengths, load_stage_data, load_tokenizer
 from dgx_spark_summary_from_human_feedback.generation import generate, truncate_after_eos
 from dgx_spark_summary_from_human_feedback.models import (
-    disable_dropout, get_score, hidden_states, last_token_index, load_policy, load_reward_model, logprobs_from_logits, response_logits,
+    check_checkpoint, disable_dropout, get_score, hidden_states, last_token_index, load_policy, load_reward_model, logprobs_from_logits,
+    response_logits,
 )  # fmt: skip
 from dgx_spark_summary_from_human_feedback.tracking import Logger, config_table, markdown_table, plot_curves, read_metrics
 from dgx_spark_summary_from_human_feedback.training import (
@@ -167,7 +168,7 @@ def kl_rewards(logprobs, ref_logprobs, scores, response_mask, kl_coef) -> tuple[
 
 def compute_advantages(rewards, values, response_mask, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 5: GAE. Values after the EOS are 0, so the EOS step bootstraps from nothing (terminal)."""
-    values = values * response_mask
+    values, rewards = values * response_mask, rewards * response_mask
     advantages = torch.zeros_like(rewards)
     last_gae = torch.zeros_like(rewards[:, 0])
     R = rewards.shape[1]
@@ -235,9 +236,10 @@ def main(cfg: Config, score_fn: ScoreFn | None = None) -> dict:
     # ---- setup
     runtime = setup_runtime(cfg.device, cfg.precision)
     seed_everything(cfg.seed)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_output_dir(cfg.output_dir)
     config = dataclasses.asdict(cfg)
+    check_checkpoint(cfg.sft_path, "policy")  # fail before minutes of data processing
+    check_checkpoint(cfg.reward_path, "reward")
     tokenizer = load_tokenizer(cfg.sft_path)
 
     # ---- data: queries of the SFT training split
@@ -284,6 +286,10 @@ def main(cfg: Config, score_fn: ScoreFn | None = None) -> dict:
         print(f"resumed from {resume[0]} at update {start_update}")
     # records are logged at update + 1: those up to the resumed update stay
     logger = Logger(out, config, project=cfg.wandb_project, resume_step=start_update + 1 if resume else None, enabled=runtime.is_main)
+    samples_file = out / "samples.jsonl"
+    if runtime.is_main and samples_file.exists():  # like metrics.jsonl: keep what the resumed run will not redo
+        kept = [line for line in samples_file.read_text().splitlines() if resume and json.loads(line)["update"] <= start_update]
+        samples_file.write_text("".join(line + "\n" for line in kept))
     trainable = list(policy.parameters()) + list(value_model.parameters())
 
     def checkpoint(update: int) -> None:
@@ -362,7 +368,7 @@ def main(cfg: Config, score_fn: ScoreFn | None = None) -> dict:
                     stats["vf_loss"].append(0.5 * masked_mean(vf_losses, mb_mask))
                 if last_micro:
                     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-                    check_finite(update, {"loss/policy": float(pg_loss), "loss/value": float(v_loss), "grad_norm": float(grad_norm), "objective/scores": float(data["scores"].mean())}, out)
+                    check_finite(update, {"loss/policy": float(pg_loss.detach()), "loss/value": float(v_loss.detach()), "grad_norm": float(grad_norm), "objective/scores": float(data["scores"].mean())}, out)
                     policy_optimizer.step()
                     value_optimizer.step()
                     policy_optimizer.zero_grad(set_to_none=True)

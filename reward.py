@@ -39,9 +39,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dgx_spark_summary_from_human_feedback import cli, tiny
-from dgx_spark_summary_from_human_feedback.checkpoint import export_final, latest_checkpoint, push_run, resume_point, rng_state, save_checkpoint, set_rng_state
+from dgx_spark_summary_from_human_feedback.checkpoint import export_final, latest_checkpoint, make_output_dir, push_run, resume_point, rng_state, save_checkpoint, set_rng_state
 from dgx_spark_summary_from_human_feedback.data import InputError, Lengths, load_stage_data, load_tokenizer
-from dgx_spark_summary_from_human_feedback.models import disable_dropout, get_score, load_reward_model
+from dgx_spark_summary_from_human_feedback.models import check_checkpoint, disable_dropout, get_score, load_reward_model
 from dgx_spark_summary_from_human_feedback.tracking import Logger, config_table, markdown_table, plot_curves, read_metrics
 from dgx_spark_summary_from_human_feedback.training import (
     OptimizerKind, Precision, Strategy, all_reduce_sum, batch_indices, check_finite, distribute, full_state_dicts, get_lr, load_optimizer_state,
@@ -242,11 +242,15 @@ def main(cfg: Config) -> None:
     # ---- setup
     runtime = setup_runtime(cfg.device, cfg.precision)
     seed_everything(cfg.seed)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_output_dir(cfg.output_dir)
     config = dataclasses.asdict(cfg)
     if cfg.eval_only and not cfg.reward_path:
         raise InputError("--eval-only needs --reward-path DIR (a reward.py output directory)")
+    # fail on a wrong checkpoint before minutes of data processing
+    if cfg.eval_only:
+        check_checkpoint(cfg.reward_path, "reward")
+    else:
+        check_checkpoint(cfg.base_model or cfg.sft_path, "policy")
     tokenizer = load_tokenizer(cfg.reward_path if cfg.eval_only else cfg.sft_path)
 
     # ---- data

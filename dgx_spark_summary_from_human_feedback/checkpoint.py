@@ -52,6 +52,19 @@ def _write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def make_output_dir(path: str | Path, option: str = "--output-dir") -> Path:
+    """Create an output directory up front: an unwritable path stops with one line naming it,
+    before any work, not with a traceback at the first save."""
+    out = Path(path).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create output directory {path} ({e.strerror}): pass a writable {option}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise InputError(f"output directory {path} is not writable: pass a writable {option}")
+    return out
+
+
 def step_dirs(out_dir: str | Path) -> list[Path]:
     root = Path(out_dir) / "checkpoints"
     if not root.exists():

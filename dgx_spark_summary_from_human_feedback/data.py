@@ -44,7 +44,9 @@ def load_tokenizer(name_or_path: str, revision: str | None = None) -> PreTrained
         raise InputError(f"tokenizer path {name_or_path} does not exist: pass a local directory or a Hub name")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.expanduser()) if path.exists() else name_or_path, revision=revision)
-    except OSError as e:
+    except (OSError, ValueError) as e:
+        if path.expanduser().is_dir():  # e.g. the output directory of a stage that was killed before its export
+            raise InputError(f"{name_or_path} holds no tokenizer: pass a finished stage's output directory or a tokenizer directory") from None
         raise InputError(f"cannot load tokenizer {name_or_path!r}: {str(e).splitlines()[0]}") from None
     if tokenizer.eos_token_id is None:
         raise InputError(f"tokenizer {name_or_path} has no EOS token: responses must end with one")
@@ -320,7 +322,7 @@ def process_sft(
             out["query_reference_response_token_len"].append(len(query_ids) + len(summary_ids))
         return out
 
-    return datasets.DatasetDict(
+    processed = datasets.DatasetDict(
         {
             split: ds.map(
                 process,
@@ -333,6 +335,11 @@ def process_sft(
             for split, ds in raw.items()
         }
     )
+    for split, ds in processed.items():
+        if len(ds) == 0:  # an empty split has no columns either: stop here, not in a later KeyError
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(report.dropped.items()))
+            raise InputError(f"split {split!r}: all {report.rows_in[split]} rows were dropped (drops in all splits: {reasons}): fix the rows, raise --response-length or pass --long-response truncate")
+    return processed
 
 
 SFT_COLUMNS = [
@@ -389,12 +396,15 @@ def process_comparisons(
             query_ids, fields, how = next(articles) if cnndm else next(reddit)
             query_len = lengths.cnndm_query if cnndm else lengths.query
             query = (CNNDM_QUERY_FORMAT if cnndm else QUERY_FORMAT).format(**fields)
-            pair = {"chosen": next(summaries)[0], "rejected": next(summaries)[0]}
+            (chosen_ids, chosen_cut), (rejected_ids, rejected_cut) = next(summaries), next(summaries)
+            pair = {"chosen": chosen_ids, "rejected": rejected_ids}
             if pair["chosen"] is None or pair["rejected"] is None:
                 report.dropped[f"response over {lengths.response} tokens"] += 1
                 continue
             if how:
                 report.truncated[f"query cut ({how})"] += 1
+            if chosen_cut or rejected_cut:
+                report.truncated[f"response cut to {lengths.response} tokens"] += 1
             report.rows_out[target] += 1
             info = row["info"]
             extra = row.get("extra") if isinstance(row.get("extra"), dict) else {}
@@ -484,14 +494,37 @@ def _load_files(builder: str, files: dict[str, str], dataset: str) -> datasets.D
     for split, file in files.items():
         if Path(file).stat().st_size == 0:
             raise InputError(f"{file}: file is empty (split {split!r})")
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # the JSON builder logs its parse error too: we print one line
     try:
         loaded = datasets.load_dataset(builder, data_files=files)
     except Exception as e:  # noqa: BLE001 - any parser failure becomes one line naming the file
-        raise InputError(f"{dataset}: cannot be read as {builder} ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})") from None
+        _check_json_lines(files)
+        cause = e
+        while cause.__cause__ is not None:  # "An error occurred while generating the dataset" wraps the parser's own message
+            cause = cause.__cause__
+        raise InputError(f"{dataset}: cannot be read as {builder} ({type(cause).__name__}: {(str(cause).splitlines() or [''])[0][:200]})") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
     for split, ds in loaded.items():
         if len(ds) == 0:
             raise InputError(f"{files[split]}: split {split!r} is empty")
     return loaded
+
+
+def _check_json_lines(files: dict[str, str]) -> None:
+    """Name the first line of a .jsonl file that is not JSON (the parser only counts rows)."""
+    import json
+
+    for file in (f for f in files.values() if f.endswith(".jsonl")):
+        with open(file, encoding="utf-8", errors="replace") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{file} line {n}: not JSON ({e.msg}): fix or delete that line") from None
 
 
 def load_processed(dataset: str, splits: tuple[str, ...], revision: str | None = None) -> datasets.DatasetDict:

@@ -38,6 +38,7 @@ import torch
 import tyro
 
 from . import cli
+from .checkpoint import make_output_dir
 from .data import InputError, encode, load_tokenizer, right_pad
 from .generation import load_rows, query_tokens_of, summarize
 from .models import get_score, load_policy, load_reward_model
@@ -337,10 +338,11 @@ def main(cfg: Config) -> dict:
     device, dtype, autocast = runtime.device, frozen_dtype(runtime), runtime.autocast
     if (cfg.judge_url is None) != (cfg.judge_model is None):
         raise InputError("pass --judge-url and --judge-model together")
+    if not cfg.policy:
+        raise InputError("no --policy given: pass --policy DIR (repeat it for several)")
     if cfg.head_to_head and len(cfg.policy) < 2:
         raise InputError("--head-to-head needs two --policy checkpoints")
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_output_dir(cfg.output_dir)
     rows = load_rows(cfg.dataset, cfg.split, cfg.num_samples, None)
     judge = None
     if cfg.judge_url:

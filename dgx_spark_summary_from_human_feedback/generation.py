@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from . import cli
+from .checkpoint import make_output_dir
 from .data import InputError, is_processed, left_pad, load_processed, load_raw, load_tokenizer, sft_query_fields, truncate_query
 from .models import load_policy, position_ids
 from .training import frozen_dtype, setup_runtime
@@ -160,12 +161,17 @@ def load_rows(dataset: str | None, split: str, num_samples: int, prompt_file: st
                 raise InputError(f"{prompt_file} line {n}: not JSON ({e.msg})") from None
             if isinstance(row, str):
                 row = {"subreddit": "", "title": "", "post": row}
+            if not isinstance(row, dict):
+                raise InputError(f"{prompt_file} line {n}: {type(row).__name__}, expected a post string or an object with subreddit, title, post")
             row.setdefault("id", f"line{n}")
             rows.append(row)
         return rows[:num_samples] if num_samples else rows
     if dataset is None:
         raise InputError("pass --dataset or --prompt-file")
-    ds = load_processed(dataset, (split,))[split] if is_processed(dataset) else load_raw(dataset, split=split)[split]
+    loaded = load_processed(dataset, (split,)) if is_processed(dataset) else load_raw(dataset, split=split)
+    if split not in loaded:
+        raise InputError(f"{dataset}: split {split!r} missing (has {list(loaded)}): pass --split")
+    ds = loaded[split]
     n = len(ds) if not num_samples else min(num_samples, len(ds))
     return [ds[i] for i in range(n)]
 
@@ -206,6 +212,8 @@ class Config:
 
 def main(cfg: Config) -> list[dict]:
     runtime = setup_runtime(cfg.device)
+    if cfg.output:
+        make_output_dir(Path(cfg.output).parent, "--output")
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.checkpoint)
     model = load_policy(cfg.checkpoint, tokenizer, dtype=frozen_dtype(runtime), device=runtime.device).eval()
     rows = load_rows(cfg.dataset, cfg.split, cfg.num_samples, cfg.prompt_file)
@@ -220,7 +228,6 @@ def main(cfg: Config) -> list[dict]:
         records.append({"id": row.get("id"), "query": tokenizer.decode(q), "reference": reference, **s})
     print(markdown_table(records, ["id", "query", "response", "has_eos"], max_chars=120))
     if cfg.output:
-        Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.output).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         print(f"wrote {cfg.output}")
     return records

@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
+from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
 
 from .data import InputError
 
 
-def _check_checkpoint(path: str, want: str) -> None:
+def check_checkpoint(path: str, want: str) -> None:
     """One-line errors for a missing path or a checkpoint of the wrong kind (policy vs reward)."""
     p = Path(path).expanduser()
     if path.startswith((".", "/", "~")) and not p.exists():
@@ -34,6 +35,16 @@ def _check_checkpoint(path: str, want: str) -> None:
         raise InputError(f"{path} holds {archs or 'no architecture'}, not a reward model: pass reward.py's output directory")
     if want == "policy" and any(a.endswith("ForSequenceClassification") for a in archs):
         raise InputError(f"{path} is a reward model ({archs[0]}), not a policy: pass sft.py's or ppo.py's output directory")
+    # a kill during an export leaves config.json without weights; a damaged disk, a cut file
+    weights = sorted(p.glob("*.safetensors"))
+    if not weights and not any(p.glob("pytorch_model*.bin")):
+        raise InputError(f"{path} has no model weights (model.safetensors): rerun the stage that wrote it (with --resume), or delete that checkpoint directory")
+    for file in weights:
+        try:
+            with safe_open(str(file), framework="pt"):  # reads the header, checks the file holds every tensor
+                pass
+        except Exception as e:  # noqa: BLE001 - SafetensorError or OSError: one line naming the file
+            raise InputError(f"{file} is truncated or corrupted ({str(e).splitlines()[0]}): delete that checkpoint directory or rerun the stage that wrote it") from None
 
 
 def fit_embeddings(model: PreTrainedModel, tokenizer) -> None:
@@ -60,7 +71,7 @@ def fit_embeddings(model: PreTrainedModel, tokenizer) -> None:
 
 
 def load_policy(path: str, tokenizer, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", revision: str | None = None) -> PreTrainedModel:
-    _check_checkpoint(path, "policy")
+    check_checkpoint(path, "policy")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", revision=revision)
     fit_embeddings(model, tokenizer)
     return model.to(device)
@@ -68,7 +79,7 @@ def load_policy(path: str, tokenizer, dtype: torch.dtype = torch.float32, device
 
 def load_reward_model(path: str, tokenizer, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *, new_head: bool = False) -> PreTrainedModel:
     """A reward checkpoint, or (new_head=True) a causal-LM backbone with a fresh N+ scalar head."""
-    _check_checkpoint(path, "policy" if new_head else "reward")
+    check_checkpoint(path, "policy" if new_head else "reward")
     verbosity = transformers.logging.get_verbosity()
     if new_head:
         transformers.logging.set_verbosity_error()  # "score.weight MISSING" is the point: we init it next

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 from . import cli
+from .checkpoint import make_output_dir
 from .data import SFT_COLUMN_DOCS, Lengths, Report, load_raw, load_tokenizer, process_sft, save_processed
 
 
@@ -39,6 +40,7 @@ class Config:
 
 
 def main(cfg: Config) -> None:
+    make_output_dir(cfg.output_dir)  # before the processing, which can take minutes
     tokenizer = load_tokenizer(cfg.tokenizer)
     raw = load_raw(cfg.dataset, split=cfg.split, revision=cfg.revision)
     lengths = Lengths(query=cfg.query_length, response=cfg.response_length)

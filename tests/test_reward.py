@@ -1,0 +1,261 @@
+"""reward.py and the score it trains: where the score is read under any padding, the head's
+init, one forward for a pair, the normalisation, the smoke run, eval-only, kill-and-resume."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from dgx_spark_summary_from_human_feedback import tiny
+from dgx_spark_summary_from_human_feedback.data import (
+    Lengths,
+    load_stage_data,
+    load_tokenizer,
+)
+from dgx_spark_summary_from_human_feedback.models import get_score, load_reward_model
+from dgx_spark_summary_from_human_feedback.tracking import read_metrics
+from dgx_spark_summary_from_human_feedback.training import setup_runtime
+
+from .conftest import REAL_SAMPLE
+from .stage_fixtures import (  # noqa: F401
+    assert_same_weights,
+    load_script,
+    reward_smoke_dir_fixture,
+    run_killed_and_uninterrupted,
+    run_stage,
+    sft_smoke_dir_fixture,
+)
+
+reward = load_script("reward")
+LENGTHS = [6, 11, 17, 9]  # query+response tokens per row, EOS last
+
+
+@pytest.fixture(scope="module")
+def reward_model(tiny_model_dir, tokenizer):
+    torch.manual_seed(0)
+    model = load_reward_model(str(tiny_model_dir), tokenizer, new_head=True).eval()
+    model.config.score_bias = 0.25  # a non-zero offset, so the tests see where it is added
+    return model
+
+
+def sequences(tokenizer, lengths=LENGTHS, seed=0) -> list[torch.Tensor]:
+    """Random query+response ids ending with EOS; no EOS or [PAD] before it."""
+    g = torch.Generator().manual_seed(seed)
+    assert tokenizer.eos_token_id == 0 and tokenizer.pad_token_id == len(tokenizer) - 1
+    return [torch.cat([torch.randint(1, tokenizer.pad_token_id, (n - 1,), generator=g), torch.tensor([tokenizer.eos_token_id])]) for n in lengths]
+
+
+def pad(seqs: list[torch.Tensor], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and attention mask, padded on `side`."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        cols = slice(0, len(s)) if side == "right" else slice(T - len(s), T)
+        ids[i, cols], mask[i, cols] = s, 1
+    return ids, mask
+
+
+@torch.no_grad()
+def head_at(model, seq: torch.Tensor, position: int) -> torch.Tensor:
+    """The head applied by hand to one unpadded sequence's hidden state at `position` (raw: no bias)."""
+    hidden = model.model(input_ids=seq[None]).last_hidden_state[0, position]
+    return model.score(hidden).squeeze(-1)
+
+
+# ---- where the score is read
+
+
+@torch.no_grad()
+def test_score_is_read_at_the_eos_under_left_and_right_padding(reward_model, tokenizer):
+    seqs = sequences(tokenizer)
+    right = get_score(reward_model, *pad(seqs, tokenizer.pad_token_id, "right"))
+    left = get_score(reward_model, *pad(seqs, tokenizer.pad_token_id, "left"))
+    alone = torch.cat([get_score(reward_model, s[None], torch.ones(1, len(s), dtype=torch.long)) for s in seqs])
+    by_hand = torch.stack([head_at(reward_model, s, len(s) - 1) for s in seqs]) + 0.25
+    torch.testing.assert_close(right, alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(left, alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(alone, by_hand, atol=1e-5, rtol=0)
+    assert right.unique().numel() == len(seqs)  # the rows really score differently
+
+
+@torch.no_grad()
+def test_pooling_by_pad_id_misses_the_eos_when_pad_is_eos_but_get_score_does_not(tiny_model_dir, tokenizer):
+    raw = AutoTokenizer.from_pretrained(str(tiny.TOKENIZER_DIR))
+    assert raw.pad_token_id == raw.eos_token_id  # Qwen2.5's trap
+    torch.manual_seed(0)
+    model = load_reward_model(str(tiny_model_dir), tokenizer, new_head=True).eval()
+    model.config.pad_token_id = raw.pad_token_id  # what a run that kept pad == EOS would have
+    seqs = sequences(tokenizer)
+    ids, mask = pad(seqs, raw.pad_token_id, "right")
+    hf = model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)  # HF pools the last id != pad_id
+    ours = get_score(model, ids, mask)  # no score_bias set: the raw score
+    at_eos = torch.stack([head_at(model, s, len(s) - 1) for s in seqs])
+    before_eos = torch.stack([head_at(model, s, len(s) - 2) for s in seqs])
+    torch.testing.assert_close(ours, at_eos, atol=1e-5, rtol=0)
+    torch.testing.assert_close(hf, before_eos, atol=1e-5, rtol=0)  # the classic bug: the token before EOS
+    assert (hf - ours).abs().min() > 1e-4
+
+
+@torch.no_grad()
+def test_hf_pooling_agrees_with_get_score_with_our_pad_token_and_right_padding(reward_model, tokenizer):
+    assert reward_model.config.pad_token_id == tokenizer.pad_token_id != tokenizer.eos_token_id
+    ids, mask = pad(sequences(tokenizer, seed=1), tokenizer.pad_token_id, "right")
+    hf = reward_model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
+    torch.testing.assert_close(hf, get_score(reward_model, ids, mask) - reward_model.config.score_bias, atol=1e-5, rtol=0)
+
+
+def test_new_head_is_n_plus_init_and_has_no_offset(tiny_model_dir, tokenizer):
+    weights = []
+    for seed in range(5):
+        torch.manual_seed(seed)
+        model = load_reward_model(str(tiny_model_dir), tokenizer, new_head=True)
+        assert model.config.score_bias == 0.0
+        assert model.score.weight.shape == (1, model.config.hidden_size) and model.score.bias is None
+        weights.append(model.score.weight.detach().flatten())
+    w = torch.cat(weights)  # 5 x 64 draws
+    expected_std = 1 / (model.config.hidden_size + 1) ** 0.5  # N+: 1/sqrt(d+1), not HF's 0.02
+    assert abs(float(w.std()) / expected_std - 1) < 0.2
+    assert abs(float(w.mean())) < 4 * expected_std / len(w) ** 0.5
+    assert not torch.equal(weights[0], weights[1])
+
+
+# ---- one forward for a pair
+
+
+def test_pair_scores_in_one_forward_equal_separate_forwards(reward_model, tokenizer):
+    ds = load_stage_data(str(tiny.COMPARISONS_FILE), tokenizer, "comparisons", ("train",), Lengths(512, 133))["train"]
+    rows = ds.select(range(6)).with_format("torch", columns=reward.PAIR_COLUMNS)[:]
+    assert not torch.equal(rows["query_chosen_token_len"], rows["query_rejected_token_len"])  # different lengths in one batch
+    chosen, rejected = reward.pair_scores(lambda ids, mask: get_score(reward_model, ids, mask), rows, setup_runtime("cpu", "fp32"))
+
+    def separately(key: str) -> torch.Tensor:
+        lengths = rows[f"query_{key}_token_len"]
+        T = int(lengths.max())
+        mask = (torch.arange(T)[None, :] < lengths[:, None]).long()
+        with torch.no_grad():
+            return get_score(reward_model, rows[f"query_{key}_token"][:, :T], mask)
+
+    torch.testing.assert_close(chosen, separately("chosen"), atol=1e-5, rtol=0)
+    torch.testing.assert_close(rejected, separately("rejected"), atol=1e-5, rtol=0)
+    assert chosen.requires_grad  # the training forward: gradients flow to both halves
+
+
+# ---- the smoke run
+
+
+def final_metrics(out) -> dict:
+    merged = {}
+    for record in read_metrics(out / "metrics.jsonl"):
+        merged.update(record)
+    return merged
+
+
+@pytest.mark.slow
+def test_smoke_run_learns_and_saves_a_plain_hf_reward_model(reward_smoke_dir):
+    metrics = final_metrics(reward_smoke_dir)
+    assert metrics["eval/validation/accuracy"] >= 0.8
+    model = AutoModelForSequenceClassification.from_pretrained(str(reward_smoke_dir))  # plain HF, no project code
+    assert model.config.num_labels == 1 and model.score.out_features == 1
+    config = json.loads((reward_smoke_dir / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2ForSequenceClassification"] and "auto_map" not in config
+    assert config["score_bias"] == pytest.approx(-metrics["norm/reference_mean_before"], abs=1e-5)
+    for name in ("report.md", "calibration_validation.png", "curves.png", "model.safetensors"):
+        assert (reward_smoke_dir / name).stat().st_size > 0, name
+    report = (reward_smoke_dir / "report.md").read_text()
+    assert "eval/validation/accuracy" in report and "![calibration](calibration_validation.png)" in report
+
+
+@pytest.mark.slow
+def test_reference_summaries_score_zero_on_average_after_normalisation(reward_smoke_dir):
+    metrics = final_metrics(reward_smoke_dir)
+    assert abs(metrics["norm/reference_mean_after"]) < 0.01
+    assert abs(metrics["norm/reference_mean_before"]) > 0.1  # there was an offset to remove
+
+    # independently: score the SFT train references with the saved model
+    tokenizer = load_tokenizer(str(reward_smoke_dir))
+    model = load_reward_model(str(reward_smoke_dir), tokenizer)
+    columns = ["query_reference_response_token", "query_reference_response_token_len"]
+    sft = load_stage_data(str(tiny.SFT_DIR), tokenizer, "sft", ("train",), Lengths(512, 63))["train"].with_format("torch", columns=columns)
+    scores = reward.reference_scores(model, sft, 8, setup_runtime("cpu", "fp32"))
+    assert len(scores) == metrics["norm/rows"]
+    assert abs(float(scores.mean())) < 0.01
+    # and the raw score of plain HF (no offset) is the mean before normalisation
+    hf = AutoModelForSequenceClassification.from_pretrained(str(reward_smoke_dir)).eval()
+    rows = sft[:16]
+    T = int(rows["query_reference_response_token_len"].max())
+    mask = (torch.arange(T)[None, :] < rows["query_reference_response_token_len"][:, None]).long()
+    with torch.no_grad():
+        raw = hf(input_ids=rows["query_reference_response_token"][:, :T], attention_mask=mask).logits.squeeze(-1)
+    torch.testing.assert_close(raw + hf.config.score_bias, scores[:16], atol=1e-4, rtol=0)
+
+
+# ---- eval-only
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (REAL_SAMPLE / "comparisons.jsonl").exists(), reason=f"real TL;DR sample not found at {REAL_SAMPLE}")
+def test_eval_only_on_gpt4_judged_real_pairs(reward_smoke_dir, tmp_path):
+    out = tmp_path / "eval"
+    run_stage(
+        "reward.py", "--eval-only", "--reward-path", reward_smoke_dir, "--dataset", REAL_SAMPLE / "comparisons.jsonl",
+        "--output-dir", out, "--max-final-eval-rows", "64",
+    )  # fmt: skip
+    report = (out / "report.md").read_text()
+    assert "labels: GPT-4 verdicts" in report
+    assert "(n=64," in report
+    assert 0.0 <= final_metrics(out)["eval/validation/accuracy"] <= 1.0
+    assert (out / "calibration_validation.png").stat().st_size > 0
+    assert not (out / "model.safetensors").exists()  # evaluation writes no model
+
+
+def test_eval_only_with_a_policy_checkpoint_is_a_one_line_error(tiny_model_dir, tmp_path):
+    validation = [line for line in tiny.COMPARISONS_FILE.read_text().splitlines() if json.loads(line)["split"] != "train"][:4]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(validation) + "\n")
+    result = run_stage(
+        "reward.py", "--eval-only", "--reward-path", tiny_model_dir, "--dataset", tmp_path / "pairs.jsonl", "--output-dir", tmp_path / "e", check=False
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "not a reward model" in last and str(tiny_model_dir) in last
+
+
+# ---- kill and resume
+
+
+RESUME_ARGS = ["--preset", "smoke", "--max-steps", "24", "--eval-interval", "4"]
+
+
+@pytest.fixture(scope="module")
+def resumed_reward_runs(sft_smoke_dir, tmp_path_factory):
+    """(uninterrupted, killed after checkpoint 8 and resumed) output directories."""
+    root = tmp_path_factory.mktemp("reward_resume")
+    a, b = root / "a", root / "b"
+    killed_at = run_killed_and_uninterrupted("reward.py", [*RESUME_ARGS, "--sft-path", sft_smoke_dir], a, b, kill_at=8)
+    assert 8 <= killed_at < 24
+    return a, b
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_reward_run_is_bit_equal(resumed_reward_runs):
+    a, b = resumed_reward_runs
+    assert_same_weights(a / "model.safetensors", b / "model.safetensors")
+    config_a, config_b = (json.loads((d / "config.json").read_text()) for d in (a, b))
+    assert config_a["score_bias"] == config_b["score_bias"]
+    final_a, final_b = final_metrics(a), final_metrics(b)
+    assert final_a["eval/validation/accuracy"] == final_b["eval/validation/accuracy"]
+    assert final_a["norm/reference_mean_before"] == final_b["norm/reference_mean_before"]
+
+
+@pytest.mark.slow
+def test_resumed_reward_metrics_read_as_one_clean_run(resumed_reward_runs):
+    """metrics.jsonl of the resumed run: the same (step, metric) records as the uninterrupted
+    run, each once, with the same training losses."""
+    a, b = resumed_reward_runs
+
+    def records(out):
+        return [(r["step"], k, r[k]) for r in read_metrics(out / "metrics.jsonl") for k in sorted(r) if k not in ("step", "tokens_per_s")]
+
+    assert records(b) == records(a)
