@@ -8,6 +8,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One intra-op thread for the tiny models, here and in every stage subprocess: on a 2-core
+# machine torch's default spins against the other process and runs several times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from dgx_spark_summary_from_human_feedback import tiny  # noqa: E402
 from dgx_spark_summary_from_human_feedback.data import load_tokenizer  # noqa: E402
