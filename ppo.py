@@ -188,9 +188,24 @@ def value_predictions(value_model, query_responses, attention_mask, context_leng
     return value_model.score(hidden).squeeze(-1).float() + getattr(value_model.config, "score_bias", 0.0)
 
 
+def first_real_column(query_mask: torch.Tensor) -> int:
+    """Leading columns that are padding in every row of a left-padded batch can be dropped:
+    positions come from the mask, so the logits do not change and the forward gets cheaper
+    (rows are grouped by query length, so a chunk's rows are padded little among themselves)."""
+    return int(query_mask.any(0).long().argmax())
+
+
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     probs = logits.softmax(-1)
     return torch.logsumexp(logits, -1) - (probs * logits).sum(-1)
+
+
+def minibatch_order(n_rows: int, minibatch_size: int, query_lengths: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A random split into minibatches (as N+), each sorted by query length so that its
+    micro-batches group similar lengths; the minibatch's gradient does not depend on that order."""
+    order = torch.randperm(n_rows, generator=generator).to(query_lengths.device)
+    chunks = [c[query_lengths[c].argsort(descending=True, stable=True)] for c in order.split(minibatch_size)]
+    return torch.cat(chunks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,22 +219,23 @@ def rollout(policy, ref_policy, value_model, score_fn: ScoreFn, queries, query_m
     policy.eval()
     responses = []
     for s in range(0, B, cfg.generation_batch_size):
+        q, qm = queries[s : s + cfg.generation_batch_size], query_mask[s : s + cfg.generation_batch_size]
+        f = first_real_column(qm)
         with runtime.autocast():
-            responses.append(
-                generate(policy, queries[s : s + cfg.generation_batch_size], query_mask[s : s + cfg.generation_batch_size],
-                         max_new_tokens=cfg.response_length, temperature=cfg.temperature, generator=generator)  # fmt: skip
-            )
+            responses.append(generate(policy, q[:, f:], qm[:, f:], max_new_tokens=cfg.response_length, temperature=cfg.temperature, generator=generator))
     policy.train()
     responses, response_mask, has_eos = truncate_after_eos(torch.cat(responses), tokenizer.eos_token_id, tokenizer.pad_token_id)
     query_responses = torch.cat([queries, responses], dim=1)
     attention_mask = torch.cat([query_mask, response_mask.long()], dim=1)
     logprobs, ref_logprobs, values, scores = [], [], [], []
     for s in range(0, B, cfg.forward_batch_size):
-        qr, am, resp = query_responses[s : s + cfg.forward_batch_size], attention_mask[s : s + cfg.forward_batch_size], responses[s : s + cfg.forward_batch_size]
+        chunk = slice(s, s + cfg.forward_batch_size)
+        f = first_real_column(query_mask[chunk])
+        qr, am, resp, ctx = query_responses[chunk, f:], attention_mask[chunk, f:], responses[chunk], context_length - f
         with runtime.autocast():
-            logprobs.append(logprobs_from_logits(response_logits(policy, qr, am, context_length, cfg.temperature), resp))
-            ref_logprobs.append(logprobs_from_logits(response_logits(ref_policy, qr, am, context_length, cfg.temperature), resp))
-            values.append(value_predictions(value_model, qr, am, context_length))
+            logprobs.append(logprobs_from_logits(response_logits(policy, qr, am, ctx, cfg.temperature), resp))
+            ref_logprobs.append(logprobs_from_logits(response_logits(ref_policy, qr, am, ctx, cfg.temperature), resp))
+            values.append(value_predictions(value_model, qr, am, ctx))
             scores.append(score_fn(qr, am).float())
     scores = torch.cat(scores)
     scores = torch.where(has_eos, scores, torch.full_like(scores, cfg.no_eos_score))  # step 3: no EOS -> penalty
@@ -243,7 +259,9 @@ def main(cfg: Config, score_fn: ScoreFn | None = None) -> dict:
     tokenizer = load_tokenizer(cfg.sft_path)
 
     # ---- data: queries of the SFT training split
-    ds = load_stage_data(cfg.dataset, tokenizer, "sft", ("train",), Lengths(response=63))["train"].with_format("torch", columns=["query_token", "query_token_len"])
+    ds = load_stage_data(cfg.dataset, tokenizer, "sft", ("train",), Lengths(response=63))["train"]
+    query_lengths = list(ds["query_token_len"])
+    ds = ds.with_format("torch", columns=["query_token", "query_token_len"])
     num_updates = cfg.total_episodes // cfg.batch_size
     minibatch_size = cfg.batch_size // cfg.num_minibatches
     grad_accum_steps = micro_batch_layout(minibatch_size, cfg.micro_batch_size, runtime.world_size)
@@ -311,8 +329,9 @@ def main(cfg: Config, score_fn: ScoreFn | None = None) -> dict:
         set_lr(policy_optimizer, lr)
         set_lr(value_optimizer, lr)
 
-        # steps 1-3: this rank's queries, sampled, truncated after EOS, scored
-        indices = batch_indices(update, len(ds), cfg.batch_size, cfg.seed)[runtime.rank :: runtime.world_size]
+        # steps 1-3: this rank's queries (longest first, so chunks need little padding), sampled,
+        # truncated after EOS, scored
+        indices = sorted(batch_indices(update, len(ds), cfg.batch_size, cfg.seed)[runtime.rank :: runtime.world_size], key=lambda i: -query_lengths[i])
         rows = ds[indices]
         n = rows["query_token_len"]
         context_length = int(n.max())
@@ -333,17 +352,19 @@ def main(cfg: Config, score_fn: ScoreFn | None = None) -> dict:
         micro = cfg.micro_batch_size
         stats = {k: [] for k in ("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "ratio")}
         minibatch_tokens = None
+        context_length = data["context_length"]
         for epoch in range(cfg.ppo_epochs):
-            order = torch.randperm(local, generator=shuffle_generator).to(runtime.device)
+            order = minibatch_order(local, micro * grad_accum_steps, n.to(runtime.device), shuffle_generator)
             for i, start in enumerate(range(0, local, micro)):
                 if i % grad_accum_steps == 0:  # real tokens of the minibatch this micro-batch opens
                     minibatch_tokens = mask[order[start : start + micro * grad_accum_steps]].sum()
                 mb = order[start : start + micro]
-                mb_mask, mb_query_responses, mb_attention_mask = mask[mb], data["query_responses"][mb], data["attention_mask"][mb]
+                f = first_real_column(query_mask[mb])
+                mb_mask, mb_query_responses, mb_attention_mask = mask[mb], data["query_responses"][mb, f:], data["attention_mask"][mb, f:]
                 last_micro = (i + 1) % grad_accum_steps == 0 or start + micro >= local
                 with runtime.autocast(), no_sync(policy_logits, not last_micro), no_sync(value_fn, not last_micro):
-                    logits = policy_logits(mb_query_responses, mb_attention_mask, data["context_length"], cfg.temperature)
-                    new_values = value_fn(mb_query_responses, mb_attention_mask, data["context_length"])
+                    logits = policy_logits(mb_query_responses, mb_attention_mask, context_length - f, cfg.temperature)
+                    new_values = value_fn(mb_query_responses, mb_attention_mask, context_length - f)
                     new_logprobs = logprobs_from_logits(logits, data["responses"][mb])
                     # clipped value loss
                     mb_values, mb_returns = data["values"][mb], returns[mb]

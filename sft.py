@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from dgx_spark_summary_from_human_feedback import cli, tiny
-from dgx_spark_summary_from_human_feedback.checkpoint import export_final, latest_checkpoint, push_run, resume_point, rng_state, save_checkpoint, set_rng_state
+from dgx_spark_summary_from_human_feedback.checkpoint import export_final, latest_checkpoint, make_output_dir, push_run, resume_point, rng_state, save_checkpoint, set_rng_state
 from dgx_spark_summary_from_human_feedback.data import Lengths, load_stage_data, load_tokenizer
 from dgx_spark_summary_from_human_feedback.evaluate import rouge_scores
 from dgx_spark_summary_from_human_feedback.generation import query_tokens_of, summarize
@@ -155,8 +155,7 @@ def main(cfg: Config) -> None:
     # ---- setup
     runtime = setup_runtime(cfg.device, cfg.precision)
     seed_everything(cfg.seed)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_output_dir(cfg.output_dir)
     model_path = cfg.model
     if cfg.model == "tiny":
         model_path = str(out / "tiny-init")

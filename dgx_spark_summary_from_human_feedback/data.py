@@ -535,6 +535,8 @@ def load_processed(dataset: str, splits: tuple[str, ...], revision: str | None =
             loaded = datasets.load_from_disk(str(path))
         except FileNotFoundError:
             raise InputError(f"{dataset} is not a processed dataset (no save_to_disk files): run process_*_dataset first") from None
+        except Exception as e:  # noqa: BLE001 - a cut or damaged save_to_disk directory becomes one line
+            raise InputError(f"{dataset} cannot be read as a processed dataset ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}): run process_*_dataset again") from None
     else:
         if dataset.startswith((".", "/", "~")):
             raise InputError(f"dataset path {dataset} does not exist")
