@@ -41,7 +41,9 @@ import torch
 from tqdm import tqdm
 
 from dgx_spark_summary_from_human_feedback import cli, tiny
-from dgx_spark_summary_from_human_feedback.checkpoint import export_final, make_output_dir, push_run, resume_point, rng_state, save_checkpoint, set_rng_state
+from dgx_spark_summary_from_human_feedback.checkpoint import (
+    export_final, make_output_dir, push_run, resume_point, rng_state, save_checkpoint, set_rng_state, write_text_atomic,
+)
 from dgx_spark_summary_from_human_feedback.data import Lengths, load_stage_data, load_tokenizer
 from dgx_spark_summary_from_human_feedback.generation import generate, truncate_after_eos
 from dgx_spark_summary_from_human_feedback.models import (
@@ -307,7 +309,7 @@ def main(cfg: Config, score_fn: ScoreFn | None = None) -> dict:
     samples_file = out / "samples.jsonl"
     if runtime.is_main and samples_file.exists():  # like metrics.jsonl: keep what the resumed run will not redo
         kept = [line for line in samples_file.read_text().splitlines() if resume and json.loads(line)["update"] <= start_update]
-        samples_file.write_text("".join(line + "\n" for line in kept))
+        write_text_atomic(samples_file, "".join(line + "\n" for line in kept))
     trainable = list(policy.parameters()) + list(value_model.parameters())
 
     def checkpoint(update: int) -> None:

@@ -44,12 +44,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_json_atomic(path: Path, obj) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace a file's content so that a kill leaves the old or the new text, never a mix."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.write_text(text)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
 def make_output_dir(path: str | Path, option: str = "--output-dir") -> Path:
@@ -103,10 +108,13 @@ def save_checkpoint(
     torch.save({**state, "step": step}, tmp / STATE_FILE)
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
     _fsync_tree(tmp)
-    if final.exists():  # re-saving a step (a resumed run that saves where it started)
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_dir(root)
+    if final.exists():
+        # a resumed run saving the step it resumed at: resumption is exact, so the first copy
+        # is kept; deleting it first would leave a window in which a kill loses it
+        shutil.rmtree(tmp)
+    else:
+        os.rename(tmp, final)
+        _fsync_dir(root)
 
     best_file = root / "best.json"
     best = json.loads(best_file.read_text()) if best_file.exists() else None

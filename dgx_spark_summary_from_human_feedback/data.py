@@ -107,7 +107,7 @@ def truncate_query(
     the newline positions, and the token count grows with the cut, so a binary search over them
     finds the same cut in O(log n) tokenisations. With no newline left the post is cut between
     tokens (binary search again); if even an empty post does not fit, the title is cut, then the
-    subreddit. Returns (ids, fields as cut, how: "" | "newline" | "tokens:FIELD").
+    subreddit. Returns (ids, fields as cut, how: "" | "newline:FIELD" | "tokens:FIELD").
     """
     fields = dict(fields)
     ids = encode(tokenizer, format_str.format(**fields))
@@ -123,7 +123,7 @@ def truncate_query(
         best = _largest_fitting(newlines, fits)
         if best is not None:
             fields[name] = text[: newlines[best]]
-            return encode(tokenizer, format_str.format(**fields)), fields, "newline"
+            return encode(tokenizer, format_str.format(**fields)), fields, f"newline:{name}"
         # no newline cut fits: what is left is the text before the first newline; cut it by tokens
         first_line = text[: newlines[0]] if newlines else text
         cuts = [0] + _token_ends(tokenizer, first_line)
@@ -289,7 +289,7 @@ def process_sft(
                 valid.append((row, sft_query_fields(row), _text(row, "summary", "", allow_empty=False)))
             except InputError as e:
                 if not skip_bad_rows:
-                    raise
+                    raise InputError(f"{e}: fix that row or pass --skip-bad-rows to count and skip such rows") from None
                 report.dropped[f"bad row ({str(e).split(': ', 1)[1]})"] += 1
         queries = fit_queries(tokenizer, [fields for _, fields, _ in valid], lengths.query)
         # the dataset's summaries have no leading space: the response is " " + summary + EOS
@@ -385,7 +385,7 @@ def process_comparisons(
                 valid.append((row, *comparison_query_fields(row), *comparison_pair(row)))
             except InputError as e:
                 if not skip_bad_rows:
-                    raise
+                    raise InputError(f"{e}: fix that row or pass --skip-bad-rows to count and skip such rows") from None
                 report.dropped[f"bad row ({str(e).split(': ', 1)[1]})"] += 1
         reddit = iter(fit_queries(tokenizer, [f for _, f, cnndm, _, _ in valid if not cnndm], lengths.query))
         articles = iter(fit_queries(tokenizer, [f for _, f, cnndm, _, _ in valid if cnndm], lengths.cnndm_query, CNNDM_QUERY_FORMAT, ("article",)))

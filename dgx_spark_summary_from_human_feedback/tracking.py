@@ -7,7 +7,7 @@ import math
 import os
 from pathlib import Path
 
-SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "OPENAI_API_KEY", "JUDGE_API_KEY")
+from .checkpoint import write_text_atomic
 
 
 class Logger:
@@ -27,8 +27,8 @@ class Logger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) < resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) < resume_step]
+            write_text_atomic(self.path, "".join(line + "\n" for line in kept))
         elif resume_step is None:
             self.path.write_text("")
         if project:

@@ -4,7 +4,7 @@ Every case of the catalogue runs a CLI as a subprocess, the way a user meets it,
 it stops with exit code 1 and exactly one line `error: ...` on stderr naming the row, field, path
 or option and what to do, never a traceback; or, for inputs the pipeline is meant to take (a
 title longer than the query budget, a post without newlines, control characters, a summary over
-the cap, `--skip-bad-rows`), that it succeeds and counts what it cut or dropped. `docs_bad_inputs.md`
+the cap, `--skip-bad-rows`), that it succeeds and counts what it cut or dropped. README.md
 lists the same cases with the message a user sees.
 
 The stage cases start from one short smoke SFT run per session (`sft_out`); a reward-model
@@ -511,7 +511,7 @@ def test_bad_input_stops_with_one_line_naming_it(name, tmp_path, request):
 
 
 def test_catalogue_is_documented():
-    doc = "".join(p.read_text() for p in (REPO / "README.md", REPO / "docs_bad_inputs.md") if p.exists())  # the table may move into README
+    doc = (REPO / "README.md").read_text()
     missing = [name for name in [*CASES, *COUNTED] if f"`{name}`" not in doc]
     assert not missing, f"the 'Bad input -> what you see' table lacks {missing}"
 
@@ -550,7 +550,7 @@ EDGE_ROWS = [
 COUNTED = {
     "sft-data/title-over-the-query-budget": "query cut (tokens:title): 1",
     "sft-data/post-without-newline": "query cut (tokens:post): 1",
-    "sft-data/control-characters-and-mixed-scripts": "query cut (newline): 1",
+    "sft-data/control-characters-and-mixed-scripts": "query cut (newline:post): 1",
     "sft-data/summary-over-the-cap": "dropped: response over 63 tokens: 1",
     "sft-data/summary-over-the-cap-truncated": "response cut to 63 tokens: 1",
     "sft-data/skip-bad-rows": "dropped: bad row (field 'post' is null): 1",

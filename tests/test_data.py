@@ -101,7 +101,7 @@ def test_short_query_is_exact_and_left_padded_to_512(tokenizer):
 def test_long_post_is_cut_at_its_last_newline_that_fits(tokenizer):
     post = "\n".join(f"Line {i} of a very long story about my roommate and the car." for i in range(300))
     ids, fields, how = truncate_query(tokenizer, {"subreddit": "tifu", "title": "t", "post": post}, length=512)
-    assert how == "newline" and len(ids) <= 512
+    assert how == "newline:post" and len(ids) <= 512
     cut = len(fields["post"])
     assert post[cut] == "\n" and fields["post"] == post[:cut]
     next_cut = post.index("\n", cut + 1)  # one more line would not fit
@@ -168,7 +168,7 @@ def test_random_queries_always_fit_and_never_hang(tokenizer, title, post, length
     ids, cut, how = truncate_query(tokenizer, fields, length=length)
     assert len(ids) <= length
     assert post.startswith(cut["post"]) and title.startswith(cut["title"])
-    if how == "newline":
+    if how == "newline:post":
         assert post[len(cut["post"])] == "\n"
 
 
