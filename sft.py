@@ -244,7 +244,6 @@ def main(cfg: Config) -> None:
 
     # ---- final evaluation, checkpoint, export, report
     val_loss = evaluate_loss(loss_fn, val_loss_rows, cfg.micro_batch_size, runtime)
-    logger.log({"val/loss": val_loss}, total_steps)
     checkpoint(total_steps, val_loss)
     if not runtime.is_main:
         return
