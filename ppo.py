@@ -252,7 +252,7 @@ def rollout(policy, ref_policy, value_model, score_fn: ScoreFn, queries, query_m
 def main(cfg: Config, score_fn: ScoreFn | None = None) -> dict:
     """Run PPO; `score_fn` replaces the reward model (tests use a rule-based score)."""
     # ---- setup
-    runtime = setup_runtime(cfg.device, cfg.precision)
+    runtime = setup_runtime(cfg.device, cfg.precision, tiny_model=cfg.preset == "smoke")
     seed_everything(cfg.seed)
     out = make_output_dir(cfg.output_dir)
     config = dataclasses.asdict(cfg)

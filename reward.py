@@ -240,7 +240,7 @@ def evaluate_splits(model, ds, cfg: Config, runtime, out: Path) -> tuple[dict, s
 
 def main(cfg: Config) -> None:
     # ---- setup
-    runtime = setup_runtime(cfg.device, cfg.precision)
+    runtime = setup_runtime(cfg.device, cfg.precision, tiny_model=cfg.preset == "smoke")
     seed_everything(cfg.seed)
     out = make_output_dir(cfg.output_dir)
     config = dataclasses.asdict(cfg)

@@ -153,7 +153,7 @@ def evaluate_loss(loss_fn, data, micro_batch_size: int, runtime) -> float:
 
 def main(cfg: Config) -> None:
     # ---- setup
-    runtime = setup_runtime(cfg.device, cfg.precision)
+    runtime = setup_runtime(cfg.device, cfg.precision, tiny_model=cfg.preset == "smoke")
     seed_everything(cfg.seed)
     out = make_output_dir(cfg.output_dir)
     model_path = cfg.model
