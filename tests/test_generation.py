@@ -1,6 +1,5 @@
 """Sampling: EOS truncation, the KV-cache loop against a plain forward, top-k/top-p, the CLI."""
 
-import copy
 import json
 import subprocess
 import sys
@@ -13,6 +12,8 @@ from dgx_spark_summary_from_human_feedback import tiny
 from dgx_spark_summary_from_human_feedback.generation import generate, pad_queries, sample_next, truncate_after_eos
 from dgx_spark_summary_from_human_feedback.models import load_policy
 
+from .stage_fixtures import eos_prone
+
 PKG = "dgx_spark_summary_from_human_feedback"
 QUERIES = [list(range(5, 8)), list(range(40, 51)), list(range(100, 107))]  # lengths 3, 11, 7: left padding differs per row
 
@@ -20,26 +21,6 @@ QUERIES = [list(range(5, 8)), list(range(40, 51)), list(range(100, 107))]  # len
 @pytest.fixture(scope="module")
 def model(tiny_model_dir, tokenizer):
     return load_policy(str(tiny_model_dir), tokenizer).eval()
-
-
-def eos_prone(model, eos_token_id: int, boost: float):
-    """A copy whose every next-token distribution puts extra mass on EOS.
-
-    Residual dimension 0 is made a constant 1 (every embedding row has 1 there, and no layer
-    writes to it), so the final hidden state is positive along it; with tied embeddings the EOS
-    row's 1 + `boost` then raises the EOS logit above all others by a positive margin.
-    boost 0.5 gives EOS ~5% per token, 2.0 gives ~99.9%.
-    """
-    model = copy.deepcopy(model)
-    with torch.no_grad():
-        embedding = model.get_input_embeddings().weight
-        assert embedding is model.get_output_embeddings().weight
-        embedding[:, 0] = 1.0
-        embedding[eos_token_id, 0] = 1.0 + boost
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight[0] = 0.0
-            layer.mlp.down_proj.weight[0] = 0.0
-    return model
 
 
 # ---- EOS truncation
