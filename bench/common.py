@@ -1,0 +1,262 @@
+"""What every benchmark shares: the model, the tokenizer, the data, the timing and the record.
+
+Model: a random Qwen2 shaped like Qwen2.5-0.5B but small enough that one optimizer step takes
+~0.2-1 s on 2 CPU cores: hidden 256, 4 layers, 4 heads / 2 KV heads (GQA), MLP 1024, tied
+embeddings, fp32. Its LM head is ~1/3 of the weights, as on Qwen2.5-0.5B (136M of 494M).
+
+Tokenizer (`--tokenizer`):
+- `sample` (default): a byte-level BPE of 8,192 tokens trained on the real TL;DR sample itself,
+  with Qwen2.5's pad == EOS trap (so `data.load_tokenizer` adds [PAD], id 8192). Its vocabulary
+  size was chosen so that token counts on the sample match the Qwen2.5 counts documented in
+  ../shared/data/tldr_real_sample/README.md: query median 352 (Qwen 338), reference response
+  median 33 (Qwen 32), PPO response median 41 (Qwen 41). The Qwen tokenizer itself is not
+  obtainable offline.
+- `tiny`: the project's 788-token fixture tokenizer. It has never seen most English words, so
+  the sample's queries come out ~2.2x longer than with Qwen (median 733 tokens, 80% cut to 512)
+  and 70% of the responses are cut to 63: NOT the real length distribution.
+
+Data: ../shared/data/tldr_real_sample/{sft,comparisons}.jsonl (1,000 real posts / pairs) run
+through our own pipeline (`data.process_sft`, `data.process_comparisons`, long responses
+truncated), falling back to the bundled fixtures when the sample is missing.
+
+Timing: every script interleaves the contenders (ours, TRL, ours, TRL, ...) on the same rows in
+the same process, and reports throughput min/median/max over the repeats and the ratio
+ours/TRL of each interleaved pair. The machine may be shared, so the ratios are the numbers to
+trust; absolute rates move with the load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(ROOT))  # sft.py, reward.py, ppo.py live at the repository root
+
+import torch  # noqa: E402
+
+from dgx_spark_summary_from_human_feedback import data, tiny  # noqa: E402
+
+SAMPLE = ROOT.parent / "shared" / "data" / "tldr_real_sample"
+CACHE = BENCH / ".cache"
+RESULTS = BENCH / "results.jsonl"
+SAMPLE_VOCAB = 8192
+
+# the benchmark model (stated in every record)
+MODEL_SHAPE = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer
+
+
+def _sample_rows() -> tuple[list[dict], list[dict]]:
+    sft = [json.loads(line) for line in (SAMPLE / "sft.jsonl").read_text().splitlines() if line.strip()]
+    comparisons = [json.loads(line) for line in (SAMPLE / "comparisons.jsonl").read_text().splitlines() if line.strip()]
+    return sft, comparisons
+
+
+def sample_available() -> bool:
+    return (SAMPLE / "sft.jsonl").exists() and (SAMPLE / "comparisons.jsonl").exists()
+
+
+def build_sample_tokenizer(output_dir: Path, vocab_size: int = SAMPLE_VOCAB) -> None:
+    """Byte-level BPE trained on the sample's formatted queries and summaries; pad == EOS like Qwen2.5."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    sft, comparisons = _sample_rows()
+    corpus = [data.QUERY_FORMAT.format(**data.sft_query_fields(r)) + " " + r["summary"] for r in sft]
+    corpus += [s["text"] for c in comparisons for s in c["summaries"]]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[tiny.EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    bpe.train_from_iterator(corpus, trainer=trainer)
+    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=tiny.EOS, pad_token=tiny.EOS).save_pretrained(str(output_dir))
+
+
+def tokenizer_dir(kind: str) -> Path:
+    if kind == "tiny" or not sample_available():
+        return tiny.TOKENIZER_DIR
+    out = CACHE / f"tokenizer-sample-{SAMPLE_VOCAB}"
+    if not (out / "tokenizer.json").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        build_sample_tokenizer(out)
+    return out
+
+
+def load_tokenizer(kind: str = "sample"):
+    """The benchmark tokenizer, through the project's loader (adds [PAD] distinct from EOS)."""
+    return data.load_tokenizer(str(tokenizer_dir(kind)))
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+
+
+def model_config(tokenizer):
+    rows = (len(tokenizer) + 63) // 64 * 64 + 64  # spare rows past [PAD], as Qwen2.5 has
+    return tiny.model_config(vocab_rows=rows, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **MODEL_SHAPE)
+
+
+def write_models(tokenizer, kind: str, seed: int = 0) -> tuple[Path, Path]:
+    """(policy dir, reward dir): a random causal LM and a reward model (our N+ head) on the same backbone.
+
+    Both sides of every benchmark load these directories, so they start from identical weights.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from dgx_spark_summary_from_human_feedback.models import load_reward_model
+
+    base = CACHE / f"models-{kind}-{seed}"
+    policy_dir, reward_dir = base / "policy", base / "reward"
+    if (policy_dir / "config.json").exists() and (reward_dir / "config.json").exists():
+        return policy_dir, reward_dir
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(model_config(tokenizer))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(str(policy_dir))
+    tokenizer.save_pretrained(str(policy_dir))
+    torch.manual_seed(seed + 1)
+    reward = load_reward_model(str(policy_dir), tokenizer, new_head=True)
+    reward.save_pretrained(str(reward_dir))
+    tokenizer.save_pretrained(str(reward_dir))
+    return policy_dir, reward_dir
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# data: the real sample through our pipeline
+
+
+def sft_data(tokenizer):
+    """Processed SFT rows (query 512, response 63, long responses truncated): one datasets.Dataset."""
+    if sample_available():
+        raw = data.load_raw(str(SAMPLE / "sft.jsonl"), split="train")
+    else:
+        raw = data.load_raw(str(tiny.SFT_DIR))
+        raw = type(raw)({"train": raw["train"]})
+    return data.process_sft(raw, tokenizer, data.Lengths(512, 63), long_response="truncate")["train"]
+
+
+def comparison_data(tokenizer):
+    """Processed preference rows (query 512, responses 133, truncated), every split together."""
+    import datasets
+
+    path = SAMPLE / "comparisons.jsonl" if sample_available() else tiny.COMPARISONS_FILE
+    raw = data.load_raw(str(path), split="train")
+    ds = data.process_comparisons(raw, tokenizer, data.Lengths(512, 133), long_response="truncate")
+    parts = [ds[s] for s in ("train", "validation") if s in ds]  # CNN/DM articles (fixtures only) left out
+    return datasets.concatenate_datasets(parts)
+
+
+def length_summary(values) -> dict:
+    v = sorted(int(x) for x in values)
+    return {"min": v[0], "median": v[len(v) // 2], "mean": round(statistics.mean(v), 1), "max": v[-1], "n": len(v)}
+
+
+# ---------------------------------------------------------------------------------------------
+# timing, tables, records
+
+
+def set_threads() -> int:
+    """Torch threads: $BENCH_THREADS, else every core, or 1 when the machine is already busy.
+
+    With other processes on a 2-core box, two threads per process oversubscribe the cores and
+    every barrier waits on a descheduled thread: one thread was ~2x faster under load 8.
+    """
+    cores = os.cpu_count() or 1
+    n = int(os.environ.get("BENCH_THREADS") or (1 if os.getloadavg()[0] >= cores else cores))
+    torch.set_num_threads(n)
+    return n
+
+
+def interleave_callback(on_round):
+    """A transformers TrainerCallback calling `on_round(k, seconds)` after each optimizer step k
+    of a Trainer, with the seconds since the end of the previous call: TRL's whole step (data
+    loading, collation, forward/backward, clip, optimizer, logging), and none of what
+    `on_round` itself runs (our side of the round)."""
+    from transformers import TrainerCallback
+
+    class Interleave(TrainerCallback):
+        mark = 0.0
+
+        def on_train_begin(self, *args, **kwargs):
+            self.mark = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            seconds = time.perf_counter() - self.mark
+            on_round(state.global_step - 1, seconds)
+            self.mark = time.perf_counter()
+
+    return Interleave()
+
+
+def spread(xs: list[float]) -> dict:
+    return {"min": min(xs), "median": statistics.median(xs), "max": max(xs), "n": len(xs)}
+
+
+def fmt(x: float) -> str:
+    return f"{x:,.2f}" if abs(x) < 100 else f"{x:,.0f}"
+
+
+def print_table(title: str, unit: str, rates: dict[str, list[float]], ratios: dict[str, list[float]]) -> None:
+    print(f"\n{title}")
+    print(f"{'':34s} {'min':>10s} {'median':>10s} {'max':>10s}   n")
+    for name, xs in rates.items():
+        s = spread(xs)
+        print(f"{name + ' (' + unit + ')':34s} {fmt(s['min']):>10s} {fmt(s['median']):>10s} {fmt(s['max']):>10s}  {s['n']}")
+    for name, xs in ratios.items():
+        s = spread(xs)
+        print(f"{'ratio ' + name:34s} {s['min']:>10.2f} {s['median']:>10.2f} {s['max']:>10.2f}  {s['n']}")
+
+
+def versions() -> dict:
+    import transformers
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads()}
+    try:
+        import trl
+
+        out["trl"] = trl.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def record(bench: str, settings: dict, unit: str, rates: dict[str, list[float]], ratios: dict[str, list[float]], extra: dict | None = None) -> dict:
+    """Append one JSON line to bench/results.jsonl and return it."""
+    rec = {
+        "bench": bench, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": git_commit(), "host": platform.node(),
+        "cpus": os.cpu_count(), "load_avg": os.getloadavg(), "versions": versions(), "model": MODEL_SHAPE, "settings": settings,
+        "unit": unit, "rates": {k: spread(v) | {"all": v} for k, v in rates.items()},
+        "ratios": {k: spread(v) | {"all": v} for k, v in ratios.items()}, **(extra or {}),
+    }  # fmt: skip
+    with RESULTS.open("a") as f:
+        f.write(json.dumps(rec) + "\n")
+    return rec
