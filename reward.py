@@ -11,7 +11,8 @@ confidence, policy pair and batch, a calibration plot, and the normalisation bef
 
 The score of a query+response is the head's output at its last token, the EOS (N+ detail 10),
 read by `models.get_score`, the one function PPO and evaluation also call. The loss is
--log sigmoid(score_chosen - score_rejected), chosen and rejected in one forward pass. After
+-log sigmoid(score_chosen - score_rejected); each query runs once and both summaries run on its KV cache
+(`models.get_pair_scores`: half the tokens, the same scores and gradients as two full rows). After
 training the reference summaries of the SFT split are scored and their mean is subtracted
 (N+ detail 12). Qwen2's classification head has no bias term, so the offset is stored as
 `config.score_bias` and added by `get_score`; plain `from_pretrained(...)(...).logits` gives the
@@ -26,6 +27,7 @@ found a 1.5B base model better than the 0.5B SFT init (validation accuracy about
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -41,7 +43,7 @@ from tqdm import tqdm
 from dgx_spark_summary_from_human_feedback import cli, tiny
 from dgx_spark_summary_from_human_feedback.checkpoint import export_final, latest_checkpoint, make_output_dir, push_run, resume_point, rng_state, save_checkpoint, set_rng_state
 from dgx_spark_summary_from_human_feedback.data import InputError, Lengths, load_stage_data, load_tokenizer
-from dgx_spark_summary_from_human_feedback.models import check_checkpoint, disable_dropout, get_score, load_reward_model
+from dgx_spark_summary_from_human_feedback.models import check_checkpoint, disable_dropout, get_pair_scores, get_score, load_reward_model
 from dgx_spark_summary_from_human_feedback.tracking import Logger, config_table, markdown_table, plot_curves, read_metrics
 from dgx_spark_summary_from_human_feedback.training import (
     OptimizerKind, Precision, Strategy, all_reduce_sum, batch_indices, check_finite, distribute, full_state_dicts, get_lr, load_optimizer_state,
@@ -125,27 +127,32 @@ PRESETS = {
     ),
 }  # fmt: skip
 
-PAIR_COLUMNS = ["query_chosen_token", "query_chosen_token_len", "query_rejected_token", "query_rejected_token_len"]
+PAIR_COLUMNS = ["query_token", "query_token_len", "chosen_token", "chosen_token_len", "rejected_token", "rejected_token_len"]
 
 
-def pair_batch(rows: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chosen rows then rejected rows, trimmed to the longest: (2B, T) ids and mask."""
-    lengths = torch.cat([rows["query_chosen_token_len"], rows["query_rejected_token_len"]])  # (2B,)
-    T = int(lengths.max())
-    ids = torch.cat([rows["query_chosen_token"][:, :T], rows["query_rejected_token"][:, :T]])
-    mask = torch.arange(T)[None, :] < lengths[:, None]
-    return ids.to(device), mask.long().to(device)
+def pair_batch(rows: dict, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, Tq) queries left padded to the longest and their mask; (2B, Tr) summaries (chosen,
+    rejected, chosen, ...) right padded to the longest and their mask. Lengths, not pad ids."""
+    query_lengths = rows["query_token_len"]
+    Tq = int(query_lengths.max())
+    queries = rows["query_token"][:, -Tq:]
+    query_mask = torch.arange(Tq)[None, :] >= (Tq - query_lengths)[:, None]
+    lengths = torch.stack([rows["chosen_token_len"], rows["rejected_token_len"]], 1).flatten()  # (2B,)
+    Tr = int(lengths.max())
+    responses = torch.stack([rows["chosen_token"][:, :Tr], rows["rejected_token"][:, :Tr]], 1).flatten(0, 1)
+    response_mask = torch.arange(Tr)[None, :] < lengths[:, None]
+    return queries.to(device), query_mask.long().to(device), responses.to(device), response_mask.long().to(device)
 
 
 def pair_scores(score_fn, rows: dict, runtime) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B,) scores of the chosen and of the rejected summaries, from one forward pass.
+    """(B,) scores of the chosen and of the rejected summaries, from one pass over each query.
 
-    `score_fn(ids, mask)` is `get_score` bound to the model (wrapped by DDP/FSDP2 under torchrun).
+    `score_fn(queries, query_mask, responses, response_mask)` is `models.get_pair_scores` bound to
+    the model (wrapped by DDP/FSDP2 under torchrun).
     """
-    ids, mask = pair_batch(rows, runtime.device)
     with runtime.autocast():
-        scores = score_fn(ids, mask)
-    return scores.chunk(2)
+        scores = score_fn(*pair_batch(rows, runtime.device))
+    return scores.view(-1, 2).unbind(1)
 
 
 @torch.no_grad()
@@ -220,7 +227,7 @@ def evaluate_splits(model, ds, cfg: Config, runtime, out: Path) -> tuple[dict, s
         data = ds[split]
         if cfg.max_final_eval_rows:
             data = data.select(range(min(cfg.max_final_eval_rows, len(data))))
-        chosen, rejected = score_split(lambda ids, mask: get_score(model, ids, mask), data.with_format("torch", columns=PAIR_COLUMNS), cfg.micro_batch_size, runtime)
+        chosen, rejected = score_split(functools.partial(get_pair_scores, model), data.with_format("torch", columns=PAIR_COLUMNS), cfg.micro_batch_size, runtime)
         accuracy = float((chosen > rejected).float().mean())
         metrics[f"eval/{split}/accuracy"] = accuracy
         metrics[f"eval/{split}/margin"] = float((chosen - rejected).mean())
@@ -268,7 +275,7 @@ def main(cfg: Config) -> None:
 
     train = ds["train"].with_format("torch", columns=PAIR_COLUMNS)
     val_rows = ds["validation"].select(range(min(cfg.num_eval_rows, len(ds["validation"])))).with_format("torch", columns=PAIR_COLUMNS)
-    pair_lengths = [max(c, r) for c, r in zip(ds["train"]["query_chosen_token_len"], ds["train"]["query_rejected_token_len"])]
+    pair_lengths = [q + max(c, r) for q, c, r in zip(ds["train"]["query_token_len"], ds["train"]["chosen_token_len"], ds["train"]["rejected_token_len"])]
     grad_accum_steps = micro_batch_layout(cfg.batch_size, cfg.micro_batch_size, runtime.world_size)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch(len(train), cfg.batch_size)
     warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
@@ -285,7 +292,9 @@ def main(cfg: Config) -> None:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
-    score_fn = distribute(model, get_score, runtime, cfg.strategy)  # DDP/FSDP2 under torchrun
+    # each query runs once for both summaries (not under gradient checkpointing, which drops the cache)
+    pair_fn = functools.partial(get_pair_scores, share_prefix=not cfg.gradient_checkpointing)
+    score_fn = distribute(model, pair_fn, runtime, cfg.strategy)  # DDP/FSDP2 under torchrun
     optimizer = make_optimizer(
         list(model.parameters()), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8, kind=cfg.optimizer,
         device=runtime.device, sharded=cfg.strategy == "fsdp2" and runtime.world_size > 1,
@@ -334,7 +343,7 @@ def main(cfg: Config) -> None:
             loss_total += loss_sum.detach()
             correct += (chosen > rejected).sum().detach()
             margin += (chosen - rejected).sum().detach()
-            tokens_seen += int(rows["query_chosen_token_len"].sum() + rows["query_rejected_token_len"].sum())
+            tokens_seen += int(2 * rows["query_token_len"].sum() + rows["chosen_token_len"].sum() + rows["rejected_token_len"].sum())
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         check_finite(step, {"train/loss": float(loss_total) / cfg.batch_size, "grad_norm": float(grad_norm)}, out)

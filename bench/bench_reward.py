@@ -9,7 +9,7 @@ responses 133), the same batch layout, fp32, lr 5e-5, AdamW (0.9, 0.999), no wei
 clip 1.0:
 - ours: exactly reward.py's optimizer step: `micro_batches` sorted by the longer of each pair,
   `reward.pair_scores` through `training.distribute`/`no_sync` (chosen and rejected in one
-  forward, trimmed to the longest, score read at the EOS by `models.get_score`), -logsigmoid summed / batch, backward, clip, fused AdamW.
+  forward: each query once, both summaries on its KV cache, `models.get_pair_scores`), -logsigmoid summed / batch, backward, clip, fused AdamW.
 - trl-default: RewardTrainer on pre-tokenized `chosen_ids` / `rejected_ids` (our exact
   query+summary+EOS ids), TRL's defaults otherwise (gradient checkpointing on, logging every 10
   steps, reward min/mean/max/accuracy/margin metrics) except fp32, the batch layout, the
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import reward
-from dgx_spark_summary_from_human_feedback.models import disable_dropout, get_score, load_reward_model
+from dgx_spark_summary_from_human_feedback.models import disable_dropout, get_pair_scores, load_reward_model
 from dgx_spark_summary_from_human_feedback.training import batch_indices, distribute, make_optimizer, micro_batches, no_sync, setup_runtime
 
 LR, BETAS, EPS, WEIGHT_DECAY, CLIP, SEED = 5e-5, (0.9, 0.999), 1e-8, 0.0, 1.0, 42
@@ -42,7 +42,7 @@ def make_ours(reward_dir, tokenizer, train, pair_lengths, batch_size, micro_batc
     disable_dropout(model)
     model.train()
     optimizer = make_optimizer(list(model.parameters()), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, eps=EPS, kind="auto", device=runtime.device)
-    score_fn = distribute(model, get_score, runtime)  # as reward.py: unchanged in one process
+    score_fn = distribute(model, get_pair_scores, runtime)  # as reward.py: unchanged in one process
 
     def step(indices: list[int]) -> float:
         # reward.py's loop body, minus logging; returns the step's mean loss

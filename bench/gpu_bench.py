@@ -20,7 +20,7 @@ What is timed, all with the recipe's defaults (`sft.Config`, `reward.Config`, `p
   clip, `make_optimizer`'s AdamW. The loop body is the same dozen lines as sft.main (which also
   evaluates, checkpoints and samples, so is not timed whole).
 - reward_0.5b (and reward_1.5b when time is left): reward.py's loop body (batch 128 pairs = 8 x 16)
-  with `reward.pair_scores` / `models.get_score` on chosen + rejected in one forward.
+  with `reward.pair_scores` / `models.get_pair_scores` (each query once for both summaries).
 - ppo_64, ppo_512: `ppo.main` itself, in this process, for a few updates at rollout batch 64 and
   512 (4 PPO epochs, 53 sampled tokens, micro-batch 16, forward batch 32, generation batch 128),
   with all four models (policy, value, bf16 reference, bf16 reward model loaded from the random
@@ -432,7 +432,7 @@ def bench_reward(ctx: Context, ws: Workspace, policy_dir: Path, shape: sp.Shape)
 
     import reward
     from dgx_spark_summary_from_human_feedback.data import load_tokenizer
-    from dgx_spark_summary_from_human_feedback.models import disable_dropout, get_score, load_reward_model
+    from dgx_spark_summary_from_human_feedback.models import disable_dropout, get_pair_scores, load_reward_model
     from dgx_spark_summary_from_human_feedback.training import batch_indices, check_finite, distribute, make_optimizer, micro_batches, setup_runtime
 
     cfg = reward.Config()
@@ -443,7 +443,7 @@ def bench_reward(ctx: Context, ws: Workspace, policy_dir: Path, shape: sp.Shape)
     model = load_reward_model(str(policy_dir), tokenizer, dtype=runtime.param_dtype, device=runtime.device, new_head=True)
     disable_dropout(model)
     model.train()
-    score_fn = distribute(model, get_score, runtime, cfg.strategy)
+    score_fn = distribute(model, get_pair_scores, runtime, cfg.strategy)
     optimizer = make_optimizer(list(model.parameters()), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8, kind=ctx.optimizer, device=runtime.device)
     train = ws.pairs.with_format("torch", columns=reward.PAIR_COLUMNS)
     chosen_len, rejected_len = list(ws.pairs["query_chosen_token_len"]), list(ws.pairs["query_rejected_token_len"])
@@ -475,7 +475,7 @@ def bench_reward(ctx: Context, ws: Workspace, policy_dir: Path, shape: sp.Shape)
     records = run_steps(ctx, step, warmup, steps)
     params = sum(p.numel() for p in model.parameters())
     return {
-        "method": "reward.main's loop body on our functions (batch_indices, micro_batches, pair_scores / get_score via distribute, clip, make_optimizer)",
+        "method": "reward.main's loop body on our functions (batch_indices, micro_batches, pair_scores / get_pair_scores via distribute, clip, make_optimizer)",
         "model": shape.name, "batch_size": batch, "micro_batch_size": micro, "optimizer": ctx.optimizer, "sequences_per_pair": 2,
         **throughput(ctx, records, params), **ctx.memory(),
     }  # fmt: skip

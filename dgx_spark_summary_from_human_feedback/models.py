@@ -165,3 +165,24 @@ def get_score(reward_model: PreTrainedModel, query_responses: torch.Tensor, atte
     hidden = hidden_states(reward_model, query_responses, attention_mask)  # (B, T, H)
     last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]  # (B, H)
     return reward_model.score(last).squeeze(-1).float() + getattr(reward_model.config, "score_bias", 0.0)
+
+
+def get_pair_scores(reward_model: PreTrainedModel, queries: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor, response_mask: torch.Tensor, share_prefix: bool = True) -> torch.Tensor:
+    """(2B,) scores of rows chosen_1, rejected_1, chosen_2, ...: `get_score` of each query+summary.
+
+    queries (B, Tq) left padded; responses (2B, Tr) right padded, two per query. With
+    `share_prefix` the query (~340 of ~375 tokens) runs once and both summaries run on a copy of
+    its KV cache, about half the tokens of two full rows, with the same scores and gradients;
+    gradient checkpointing drops the cache, so it needs `share_prefix=False` (two full rows).
+    """
+    if not share_prefix:
+        ids = torch.cat([queries.repeat_interleave(2, 0), responses], 1)
+        return get_score(reward_model, ids, torch.cat([query_mask.repeat_interleave(2, 0), response_mask], 1))
+    out = reward_model.base_model(input_ids=queries, attention_mask=query_mask, position_ids=position_ids(query_mask), use_cache=True)
+    cache = out.cache
+    cache.batch_repeat_interleave(2)  # keeps the graph: gradients reach the query through both summaries
+    mask = torch.cat([query_mask.repeat_interleave(2, 0), response_mask], 1)
+    positions = query_mask.sum(1).repeat_interleave(2)[:, None] + torch.arange(responses.shape[1], device=responses.device)[None]
+    hidden = reward_model.base_model(input_ids=responses, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True).last_hidden_state
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), response_mask.sum(1) - 1]  # each summary's EOS
+    return reward_model.score(last).squeeze(-1).float() + getattr(reward_model.config, "score_bias", 0.0)

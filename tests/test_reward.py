@@ -1,6 +1,7 @@
 """reward.py and the score it trains: where the score is read under any padding, the head's
 init, one forward for a pair, the normalisation, the smoke run, eval-only, kill-and-resume."""
 
+import functools
 import json
 
 import pytest
@@ -13,7 +14,7 @@ from dgx_spark_summary_from_human_feedback.data import (
     load_stage_data,
     load_tokenizer,
 )
-from dgx_spark_summary_from_human_feedback.models import get_score, load_reward_model
+from dgx_spark_summary_from_human_feedback.models import get_pair_scores, get_score, load_reward_model
 from dgx_spark_summary_from_human_feedback.tracking import read_metrics
 from dgx_spark_summary_from_human_feedback.training import setup_runtime
 
@@ -124,22 +125,33 @@ def test_new_head_is_n_plus_init_and_has_no_offset(tiny_model_dir, tokenizer):
 # ---- one forward for a pair
 
 
-def test_pair_scores_in_one_forward_equal_separate_forwards(reward_model, tokenizer):
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_pair_scores_equal_separate_full_forwards_with_the_same_gradients(reward_model, tokenizer, share_prefix):
+    """Each query once, both summaries on its KV cache (or two full rows): the same scores as
+    `get_score` on each full query+summary, and the same gradients."""
     ds = load_stage_data(str(tiny.COMPARISONS_FILE), tokenizer, "comparisons", ("train",), Lengths(512, 133))["train"]
-    rows = ds.select(range(6)).with_format("torch", columns=reward.PAIR_COLUMNS)[:]
-    assert not torch.equal(rows["query_chosen_token_len"], rows["query_rejected_token_len"])  # different lengths in one batch
-    chosen, rejected = reward.pair_scores(lambda ids, mask: get_score(reward_model, ids, mask), rows, setup_runtime("cpu", "fp32"))
+    rows = ds.select(range(6)).with_format("torch", columns=[*reward.PAIR_COLUMNS, "query_chosen_token", "query_chosen_token_len", "query_rejected_token", "query_rejected_token_len"])[:]
+    assert not torch.equal(rows["chosen_token_len"], rows["rejected_token_len"])  # different lengths in one batch
+    assert len(set(rows["query_token_len"].tolist())) > 1  # and queries of different lengths (left padding)
+    reward_model.zero_grad()
+    chosen, rejected = reward.pair_scores(functools.partial(get_pair_scores, reward_model, share_prefix=share_prefix), rows, setup_runtime("cpu", "fp32"))
+    (chosen - rejected).sum().backward()
+    grads = {n: p.grad.clone() for n, p in reward_model.named_parameters() if p.grad is not None}
+    reward_model.zero_grad()
 
     def separately(key: str) -> torch.Tensor:
         lengths = rows[f"query_{key}_token_len"]
         T = int(lengths.max())
         mask = (torch.arange(T)[None, :] < lengths[:, None]).long()
-        with torch.no_grad():
-            return get_score(reward_model, rows[f"query_{key}_token"][:, :T], mask)
+        return get_score(reward_model, rows[f"query_{key}_token"][:, :T], mask)
 
-    torch.testing.assert_close(chosen, separately("chosen"), atol=1e-5, rtol=0)
-    torch.testing.assert_close(rejected, separately("rejected"), atol=1e-5, rtol=0)
-    assert chosen.requires_grad  # the training forward: gradients flow to both halves
+    chosen_ref, rejected_ref = separately("chosen"), separately("rejected")
+    torch.testing.assert_close(chosen, chosen_ref.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(rejected, rejected_ref.detach(), atol=1e-5, rtol=0)
+    (chosen_ref - rejected_ref).sum().backward()
+    for name, p in reward_model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    reward_model.zero_grad()
 
 
 # ---- the smoke run
