@@ -52,7 +52,7 @@ from dgx_spark_summary_from_human_feedback.models import (
 )  # fmt: skip
 from dgx_spark_summary_from_human_feedback.tracking import Logger, config_table, markdown_table, plot_curves, read_metrics
 from dgx_spark_summary_from_human_feedback.training import (
-    OptimizerKind, Precision, all_reduce_sum, batch_indices, check_finite, distribute, frozen_dtype, get_lr, make_optimizer, micro_batch_layout,
+    OptimizerKind, Precision, all_reduce_sum, batch_indices, check_finite, clip_gradients, distribute, frozen_dtype, get_lr, make_optimizer, micro_batch_layout,
     no_sync, seed_everything, set_lr, setup_runtime,
 )  # fmt: skip
 
@@ -390,8 +390,8 @@ def main(cfg: Config, score_fn: ScoreFn | None = None) -> dict:
                     stats["pg_loss"].append(masked_mean(pg_losses, mb_mask))
                     stats["vf_loss"].append(0.5 * masked_mean(vf_losses, mb_mask))
                 if last_micro:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-                    check_finite(update, {"loss/policy": float(pg_loss.detach()), "loss/value": float(v_loss.detach()), "grad_norm": float(grad_norm), "objective/scores": float(data["scores"].mean())}, out)
+                    grad_norm = clip_gradients(trainable, cfg.grad_clip)
+                    check_finite(update, {"loss/policy": float(pg_loss.detach()), "loss/value": float(v_loss.detach()), "grad_norm": grad_norm, "objective/scores": float(data["scores"].mean())}, out)
                     policy_optimizer.step()
                     value_optimizer.step()
                     policy_optimizer.zero_grad(set_to_none=True)

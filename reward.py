@@ -46,7 +46,7 @@ from dgx_spark_summary_from_human_feedback.data import InputError, Lengths, load
 from dgx_spark_summary_from_human_feedback.models import check_checkpoint, disable_dropout, get_pair_scores, get_score, load_reward_model
 from dgx_spark_summary_from_human_feedback.tracking import Logger, config_table, markdown_table, plot_curves, read_metrics
 from dgx_spark_summary_from_human_feedback.training import (
-    OptimizerKind, Precision, Strategy, all_reduce_sum, batch_indices, check_finite, distribute, full_state_dicts, get_lr, load_optimizer_state,
+    OptimizerKind, Precision, Strategy, all_reduce_sum, batch_indices, check_finite, clip_gradients, distribute, full_state_dicts, get_lr, load_optimizer_state,
     make_optimizer, micro_batch_layout, micro_batches, no_sync, seed_everything, set_lr, setup_runtime, steps_per_epoch,
 )  # fmt: skip
 
@@ -344,15 +344,14 @@ def main(cfg: Config) -> None:
             correct += (chosen > rejected).sum().detach()
             margin += (chosen - rejected).sum().detach()
             tokens_seen += int(2 * rows["query_token_len"].sum() + rows["chosen_token_len"].sum() + rows["rejected_token_len"].sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        check_finite(step, {"train/loss": float(loss_total) / cfg.batch_size, "grad_norm": float(grad_norm)}, out)
+        grad_norm = clip_gradients(model.parameters(), cfg.grad_clip)
+        check_finite(step, {"train/loss": float(loss_total) / cfg.batch_size, "grad_norm": grad_norm}, out)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
         stats = [float(all_reduce_sum(x, runtime)) / cfg.batch_size for x in (loss_total, correct, margin)]
         tokens_per_s = tokens_seen * runtime.world_size / (time.time() - t0)
-        logger.log({"train/loss": stats[0], "train/accuracy": stats[1], "train/margin": stats[2], "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_s}, step)
+        logger.log({"train/loss": stats[0], "train/accuracy": stats[1], "train/margin": stats[2], "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}, step)
         bar.set_postfix(loss=f"{stats[0]:.3f}", acc=f"{stats[1]:.2f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
     evaluate_and_checkpoint(total_steps)
     if not runtime.is_main:

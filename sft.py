@@ -37,7 +37,7 @@ from dgx_spark_summary_from_human_feedback.generation import query_tokens_of, su
 from dgx_spark_summary_from_human_feedback.models import disable_dropout, lm_loss_sum, load_policy
 from dgx_spark_summary_from_human_feedback.tracking import Logger, config_table, markdown_table, plot_curves, read_metrics
 from dgx_spark_summary_from_human_feedback.training import (
-    OptimizerKind, Precision, Strategy, all_reduce_sum, batch_indices, check_finite, distribute, full_state_dicts, get_lr, load_optimizer_state,
+    OptimizerKind, Precision, Strategy, all_reduce_sum, batch_indices, check_finite, clip_gradients, distribute, full_state_dicts, get_lr, load_optimizer_state,
     make_optimizer, micro_batch_layout, micro_batches, no_sync, seed_everything, set_lr, setup_runtime, steps_per_epoch,
 )  # fmt: skip
 
@@ -231,15 +231,14 @@ def main(cfg: Config) -> None:
                 (loss_sum / n_labels * runtime.world_size).backward()
             loss_total += loss_sum.detach()
             tokens_seen += int(mask.sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        check_finite(step, {"train/loss": float(loss_total) / n_labels, "grad_norm": float(grad_norm)}, out)
+        grad_norm = clip_gradients(model.parameters(), cfg.grad_clip)
+        check_finite(step, {"train/loss": float(loss_total) / n_labels, "grad_norm": grad_norm}, out)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
         loss = float(all_reduce_sum(loss_total, runtime)) / n_labels
         tokens_per_s = tokens_seen * runtime.world_size / (time.time() - t0)
-        logger.log({"train/loss": loss, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_s}, step)
+        logger.log({"train/loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}, step)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
 
     # ---- final evaluation, checkpoint, export, report

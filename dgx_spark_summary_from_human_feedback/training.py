@@ -83,6 +83,13 @@ def check_finite(step: int, terms: dict[str, float], out_dir) -> None:
     )
 
 
+def clip_gradients(params, max_norm: float) -> float:
+    """Clip the global gradient norm to `max_norm` (0 = no clipping) and return the norm before
+    clipping, gathered in full when FSDP2 holds the gradients as DTensor shards."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
