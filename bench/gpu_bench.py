@@ -261,10 +261,15 @@ def token_rows(n: int, lengths: sp.Lengths, eos: int, seed: int, pairs: bool):
         if pairs:
             a, b = lengths.draw("reference_response", rng), lengths.draw("ppo_response", rng)
             chosen, rejected = (a, b) if rng.random() < 0.5 else (b, a)
+            left = np.full(Q, pad)
+            left[Q - q :] = query
+            cols.setdefault("query_token", []).append(left)
+            cols.setdefault("query_token_len", []).append(q)
             for name, r in (("chosen", chosen), ("rejected", rejected)):
-                row = np.full(Q + R, pad)
-                row[: q + r] = np.concatenate([query, response(r)])
-                cols.setdefault(f"query_{name}_token", []).append(row)
+                row = np.full(R, pad)
+                row[:r] = response(r)
+                cols.setdefault(f"{name}_token", []).append(row)
+                cols.setdefault(f"{name}_token_len", []).append(r)
                 cols.setdefault(f"query_{name}_token_len", []).append(q + r)
         else:
             r = min(lengths.draw("reference_response", rng), R)
@@ -446,7 +451,7 @@ def bench_reward(ctx: Context, ws: Workspace, policy_dir: Path, shape: sp.Shape)
     score_fn = distribute(model, get_pair_scores, runtime, cfg.strategy)
     optimizer = make_optimizer(list(model.parameters()), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8, kind=ctx.optimizer, device=runtime.device)
     train = ws.pairs.with_format("torch", columns=reward.PAIR_COLUMNS)
-    chosen_len, rejected_len = list(ws.pairs["query_chosen_token_len"]), list(ws.pairs["query_rejected_token_len"])
+    query_len, chosen_len, rejected_len = (list(ws.pairs[c]) for c in ("query_token_len", "query_chosen_token_len", "query_rejected_token_len"))
     pair_lengths = [max(c, r) for c, r in zip(chosen_len, rejected_len)]
 
     def step(i: int) -> dict:  # reward.main's loop body
@@ -459,8 +464,7 @@ def bench_reward(ctx: Context, ws: Workspace, policy_dir: Path, shape: sp.Shape)
             loss_sum = -F.logsigmoid(chosen - rejected).sum()
             (loss_sum / batch * runtime.world_size).backward()
             loss_total += loss_sum.detach()
-            # the counters only need each row's total length: (0, query+chosen, query+rejected)
-            counted = sp.reward_micro_work(shape, [(0, chosen_len[k], rejected_len[k]) for k in rows_idx])
+            counted = sp.reward_micro_work(shape, [(query_len[k], chosen_len[k] - query_len[k], rejected_len[k] - query_len[k]) for k in rows_idx])
             for key in work:
                 work[key] += counted[key]
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))

@@ -308,12 +308,16 @@ def sft_micro_work(shape: Shape, rows: list[tuple[int, int]]) -> dict:
 
 
 def reward_micro_work(shape: Shape, pairs: list[tuple[int, int, int]]) -> dict:
-    """One reward micro-batch: chosen and rejected rows in one forward, padded to the longest."""
-    T = max(q + max(c, r) for q, c, r in pairs)
+    """One reward micro-batch of (query, chosen, rejected) lengths as `models.get_pair_scores`
+    runs it: the queries once (left padded to the longest), then both summaries of each on its KV
+    cache (right padded to the longest). `tokens` counts the two full rows (the unit of the TRL
+    comparison); `padded_tokens` the positions actually run."""
+    B, Tq, Tr = len(pairs), max(q for q, _, _ in pairs), max(max(c, r) for _, c, r in pairs)
+    flops = 3 * (2 * shape.matmul_params() * (B * Tq + 2 * B * Tr) + attention_flops(shape, B, Tq) + attention_flops(shape, 2 * B, Tr, Tq + Tr))
     return {
-        "flops": train_flops(shape, 2 * len(pairs), T, 0),
+        "flops": flops,
         "bytes": BYTES["micro_weights_per_param"] * shape.params("score"),
-        "tokens": sum(2 * q + c + r for q, c, r in pairs), "padded_tokens": 2 * len(pairs) * T, "peak_tokens": 2 * len(pairs) * T,
+        "tokens": sum(2 * q + c + r for q, c, r in pairs), "padded_tokens": B * Tq + 2 * B * Tr, "peak_tokens": B * Tq + 2 * B * Tr,
     }  # fmt: skip
 
 
