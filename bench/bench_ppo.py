@@ -23,9 +23,12 @@ reference, value (from the reward model) and reward models (bench/common.py).
 - ours: `ppo.main` itself, unmodified, with checkpoints and sample tables pushed past the run;
   an update ends at its `Logger.log` call.
 - pad512: `ppo.main` with `ppo.rollout` wrapped to left-pad the queries to 512 tokens first and
-  `ppo.first_real_column` (its per-chunk trimming of leading padding) returning 0, so every
-  generation, forward and backward runs on 512 + 53 = 565 columns (the fixed-shape layout N+
-  used). The rest of ppo.py (length-sorted micro-batches, response-only LM head) is unchanged.
+  `ppo.first_real_column` (its per-chunk trimming of leading padding) returning 0 and the
+  forwards on padded rows (`models.hidden_states(pack=False)`), so every generation, forward and
+  backward runs on 512 + 53 = 565 columns (the fixed-shape layout N+ used). The rest of ppo.py
+  (length-sorted micro-batches, response-only LM head) is unchanged.
+- unpacked (`--unpacked`): ours with the forwards on padded rows (`pack=False`), each chunk and
+  micro-batch left padded to its longest query: what packing saves.
 - trl-fast: PPOTrainer with TRL's defaults except the settings above, fp32, gradient
   checkpointing off and num_sample_generations=0 (its periodic sample table needs an eval set;
   ours is switched off too); an update ends at its on_step_end callback. `--trl-variants
@@ -38,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import inspect
 import tempfile
 import threading
 import time
@@ -47,6 +51,7 @@ import common  # noqa: F401  (offline environment and sys.path first)
 import torch
 
 import ppo
+from dgx_spark_summary_from_human_feedback import models
 from dgx_spark_summary_from_human_feedback.training import batch_indices
 
 SEED = 42
@@ -143,7 +148,7 @@ def patched(module, name, value):
 
 
 @contextlib.contextmanager
-def ours_hooks(turns: Turns, pad_to: dict[str, int]):
+def ours_hooks(turns: Turns, pad_to: dict[str, int], unpacked: tuple[str, ...] = ()):
     """ppo.py's names, patched for every thread at once; each thread finds its own behaviour by name."""
     real_rollout = ppo.rollout
 
@@ -176,6 +181,15 @@ def ours_hooks(turns: Turns, pad_to: dict[str, int]):
         if hasattr(ppo, "first_real_column"):  # ppo.py trims all-padding leading columns per chunk: not in the padded baseline
             real_first = ppo.first_real_column
             stack.enter_context(patched(ppo, "first_real_column", lambda mask: 0 if pad_to.get(threading.current_thread().name) else real_first(mask)))
+        if "pack" in inspect.signature(models.hidden_states).parameters:  # forwards on packed rows: not in the padded ones
+            real_hidden = models.hidden_states
+
+            def hidden_states(model, input_ids, attention_mask, pack=None):
+                name = threading.current_thread().name
+                return real_hidden(model, input_ids, attention_mask, pack=False if name in unpacked or pad_to.get(name) else pack)
+
+            for module in (models, ppo):
+                stack.enter_context(patched(module, "hidden_states", hidden_states))
         yield
 
 
@@ -243,13 +257,14 @@ def main() -> None:
     parser.add_argument("--trl-variants", default="fast")
     parser.add_argument("--no-trl", action="store_true")
     parser.add_argument("--no-padded", action="store_true")
+    parser.add_argument("--unpacked", action="store_true", help="also ours with the forwards on padded rows (models.hidden_states(pack=False))")
     args = parser.parse_args()
     threads = common.set_threads()
 
     tokenizer = common.load_tokenizer(args.tokenizer)
     policy_dir, reward_dir = common.write_models(tokenizer, args.tokenizer)
     variants = [] if args.no_trl else [v for v in args.trl_variants.split(",") if v]
-    names = ["ours"] + ([] if args.no_padded else [f"pad{args.pad_to}"]) + [f"trl-{v}" for v in variants]
+    names = ["ours"] + (["unpacked"] if args.unpacked else []) + ([] if args.no_padded else [f"pad{args.pad_to}"]) + [f"trl-{v}" for v in variants]
     turns = Turns(names, threads)
     with tempfile.TemporaryDirectory() as cache:
         dataset, queries = query_dataset(tokenizer, args.batch_size, Path(cache))
@@ -257,11 +272,12 @@ def main() -> None:
               f"{args.response_length} response tokens, micro-batch {args.micro_batch_size}, 1 + {args.updates} updates each, turns {' -> '.join(names)}, "
               f"threads {threads}", flush=True)  # fmt: skip
         targets = {"ours": ours_target(policy_dir, reward_dir, dataset, args)}
-        if not args.no_padded:
-            targets[f"pad{args.pad_to}"] = ours_target(policy_dir, reward_dir, dataset, args)
+        for name in names[1:]:
+            if not name.startswith("trl-"):
+                targets[name] = ours_target(policy_dir, reward_dir, dataset, args)
         for v in variants:
             targets[f"trl-{v}"] = trl_target(v, policy_dir, reward_dir, tokenizer, queries, args, turns)
-        with ours_hooks(turns, {f"pad{args.pad_to}": args.pad_to}):
+        with ours_hooks(turns, {f"pad{args.pad_to}": args.pad_to}, unpacked=("unpacked",)):
             turns.run(targets)
     seconds = {n: ts[1:] for n, ts in turns.seconds.items()}  # the first update (and model loading) is warmup
     for k in range(len(seconds["ours"])):

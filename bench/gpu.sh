@@ -84,9 +84,11 @@ if major_minor < (5, 24):
     print(f"gpu.sh: warning: transformers {have['transformers']} is older than the project's 5.24 (pyproject): PPO's generation may fail; carry the wheel")
 EOF
 
+SCRIPT=gpu_bench
+if [[ "${1:-}" == "--checks" ]]; then SCRIPT=gpu_checks; shift; fi  # the follow-up checks (gpu_checks.py)
 rc=0
-PYTHONUNBUFFERED=1 timeout 570 "$PY" bench/gpu_bench.py "$@" 2>&1 | tee "$OUT_DIR/gpu_bench.log" || rc=$?
+PYTHONUNBUFFERED=1 timeout 570 "$PY" "bench/$SCRIPT.py" "$@" 2>&1 | tee "$OUT_DIR/$SCRIPT.log" || rc=$?
 if ((rc == 124)); then
-    echo "gpu.sh: gpu_bench.py hit the 570 s timeout; $OUT_DIR/gpu_bench.json holds what was measured before" >&2
+    echo "gpu.sh: $SCRIPT.py hit the 570 s timeout; $OUT_DIR/$SCRIPT.json holds what was measured before" >&2
 fi
 exit "$rc"

@@ -9,6 +9,7 @@ Two rules hold everywhere:
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -16,7 +17,9 @@ import torch
 import torch.nn.functional as F
 import transformers
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .data import InputError
 
@@ -70,9 +73,36 @@ def fit_embeddings(model: PreTrainedModel, tokenizer) -> None:
         model.generation_config.eos_token_id = tokenizer.eos_token_id
 
 
+# ---------------------------------------------------------------------------------------------
+# packed attention: the rows of a padded batch run as one row of their real tokens
+
+PACKED_SDPA = "sdpa_packed"
+
+
+def sdpa_packed(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, segments=None, **kwargs):
+    """SDPA that also runs packed rows: given `segments` ((start, end) of each row inside the one
+    packed row, from `hidden_states`), causal attention within each segment only; otherwise
+    transformers' own SDPA (generation, masks, KV cache)."""
+    if segments is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+    p = dropout if module.training else 0.0
+    outputs = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=p, is_causal=True, scale=scaling, enable_gqa=True) for s, e in segments]
+    return torch.cat(outputs, 2).transpose(1, 2), None
+
+
+def sdpa_packed_mask(**kwargs):
+    # a packed call passes no attention mask: `sdpa_packed` bounds the attention by its segments
+    # (transformers would otherwise build a (N, N) block-diagonal mask from the position ids)
+    return None if kwargs.get("attention_mask") is None else sdpa_mask(**kwargs)
+
+
+AttentionInterface.register(PACKED_SDPA, sdpa_packed)
+AttentionMaskInterface.register(PACKED_SDPA, sdpa_packed_mask)
+
+
 def load_policy(path: str, tokenizer, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", revision: str | None = None) -> PreTrainedModel:
     check_checkpoint(path, "policy")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", revision=revision)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=PACKED_SDPA, revision=revision)
     fit_embeddings(model, tokenizer)
     return model.to(device)
 
@@ -84,7 +114,7 @@ def load_reward_model(path: str, tokenizer, dtype: torch.dtype = torch.float32, 
     if new_head:
         transformers.logging.set_verbosity_error()  # "score.weight MISSING" is the point: we init it next
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype, attn_implementation=PACKED_SDPA)
     finally:
         transformers.logging.set_verbosity(verbosity)
     if new_head:
@@ -113,10 +143,30 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def hidden_states(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T, H) last hidden states of the backbone, without the LM or score head."""
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False)
-    return out.last_hidden_state
+def hidden_states(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, pack: bool | None = None) -> torch.Tensor:
+    """(B, T, H) last hidden states of the backbone, without the LM or score head.
+
+    With `pack` (the default on CPU) the real tokens of all rows run as one packed row, each
+    row attending causally to its own tokens only (`sdpa_packed`), and come back in the (B, T)
+    layout with zeros at the padding: the same states as the padded forward, without computing
+    the padding (12-30% of a length-sorted PPO micro-batch, ~40% of rows padded to 512+53).
+    Every attention implementation gives the same result (transformers reads packed rows from
+    the restarting position ids); ours skips the (N, N) mask.
+    """
+    if pack is None:
+        pack = input_ids.device.type == "cpu"
+    if not pack:
+        out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False)
+        return out.last_hidden_state
+    keep = attention_mask.bool()
+    lengths = keep.sum(1).tolist()
+    ends = list(itertools.accumulate(lengths))
+    segments = [(end - n, end) for n, end in zip(lengths, ends) if n > 0]
+    positions = position_ids(attention_mask)[keep]
+    out = model.base_model(input_ids=input_ids[keep][None], position_ids=positions[None], segments=segments, use_cache=False).last_hidden_state
+    hidden = out.new_zeros(*input_ids.shape, out.shape[-1])
+    hidden[keep] = out[0]
+    return hidden
 
 
 def lm_loss_sum(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:

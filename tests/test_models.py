@@ -8,10 +8,11 @@ import datasets
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
 
 from dgx_spark_summary_from_human_feedback import tiny
 from dgx_spark_summary_from_human_feedback.data import load_raw, process_sft
-from dgx_spark_summary_from_human_feedback.models import hidden_states, lm_loss_sum, load_policy
+from dgx_spark_summary_from_human_feedback.models import PACKED_SDPA, hidden_states, lm_loss_sum, load_policy
 from dgx_spark_summary_from_human_feedback.training import make_optimizer, micro_batches
 
 from .conftest import REPO
@@ -105,6 +106,60 @@ def test_left_padding_gives_the_same_hidden_states_as_no_padding(model, tokenize
         for i, r in enumerate(rows):
             alone = hidden_states(model, r[None], torch.ones(1, len(r), dtype=torch.long))[0]
             torch.testing.assert_close(batched[i, T - len(r) :], alone, rtol=1e-5, atol=1e-5)
+
+
+def padded_rows(tokenizer, seed=2):
+    """Rows left padded (queries), right padded (after an EOS) and both, in one batch."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 700, (4, 13), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # left padding
+    mask[1, 9:] = 0  # right padding
+    mask[2, :3] = 0  # both
+    mask[2, 11:] = 0
+    return ids.masked_fill(mask == 0, tokenizer.pad_token_id), mask
+
+
+def test_packed_forward_matches_the_padded_forward_and_its_gradients(model, tokenizer):
+    ids, mask = padded_rows(tokenizer)
+    keep = mask.bool()
+    results = {}
+    for pack in (False, True):
+        model.zero_grad()
+        hidden = hidden_states(model, ids, mask, pack=pack)
+        (hidden[keep] ** 2).sum().backward()
+        results[pack] = hidden.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    (padded, padded_grads), (packed, packed_grads) = results[False], results[True]
+    model.zero_grad()
+    torch.testing.assert_close(packed[keep], padded[keep], rtol=1e-5, atol=1e-5)
+    assert (packed[~keep] == 0).all()  # padding is not computed
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_packed_rows_do_not_attend_to_each_other(model, tokenizer):
+    ids, mask = padded_rows(tokenizer)
+    changed = ids.clone()
+    changed[0, 5:] = torch.randint(1, 700, (8,), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        before, after = hidden_states(model, ids, mask, pack=True), hidden_states(model, changed, mask, pack=True)
+    assert not torch.allclose(before[0], after[0])
+    torch.testing.assert_close(after[1:], before[1:], rtol=0, atol=0)  # the rows packed after row 0
+
+
+def test_transformers_own_sdpa_reads_packed_rows_the_same(model, tokenizer, tiny_model_dir, tmp_path):
+    """Our loaders use `sdpa_packed`; a model loaded with plain "sdpa" gets the same packed result
+    (transformers masks packed rows from the restarting position ids), and the checkpoint keeps
+    no trace of our attention name."""
+    assert model.config._attn_implementation == PACKED_SDPA
+    model.save_pretrained(str(tmp_path))
+    assert PACKED_SDPA not in (tmp_path / "config.json").read_text()
+    plain = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), attn_implementation="sdpa").eval()
+    ids, mask = padded_rows(tokenizer)
+    keep = mask.bool()
+    with torch.no_grad():
+        ours, theirs = hidden_states(model, ids, mask, pack=True), hidden_states(plain, ids, mask, pack=True)
+    torch.testing.assert_close(ours[keep], theirs[keep], rtol=1e-5, atol=1e-5)
 
 
 # ---- SFT batches and gradient accumulation
