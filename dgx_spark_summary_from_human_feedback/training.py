@@ -154,6 +154,12 @@ def setup_runtime(device: str = "auto", precision: Precision = "auto", tiny_mode
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    # cuDNN's SDPA (torch 2.11's first choice for masked bf16 attention on Hopper) gave NaN
+    # gradients through the reward model's shared-prefix KV cache on an H200 (finite under the
+    # math and memory-efficient kernels), and plans a graph for every new sequence length (2.3 ms
+    # of CPU per call, every decoding step too): SFT ran at 2.7x and PPO at 1.9x without it
+    # (bench/gpu_results). Flash or memory-efficient attention instead; no effect off CUDA.
+    torch.backends.cuda.enable_cudnn_sdp(False)
     return Runtime(dev, param_dtype, autocast_dtype, rank, world_size)
 
 

@@ -20,7 +20,7 @@ from dgx_spark_summary_from_human_feedback.checkpoint import (
 )
 from dgx_spark_summary_from_human_feedback.data import InputError
 from dgx_spark_summary_from_human_feedback.tracking import Logger, read_metrics
-from dgx_spark_summary_from_human_feedback.training import batch_indices, get_lr, make_optimizer, micro_batch_layout, micro_batches
+from dgx_spark_summary_from_human_feedback.training import batch_indices, get_lr, make_optimizer, micro_batch_layout, micro_batches, setup_runtime
 
 SCHEDULE = dict(lr=1e-3, min_lr=1e-4, warmup_steps=10, decay_steps=110)
 
@@ -95,6 +95,16 @@ def test_adamw8bit_on_cpu_is_an_input_error(tiny_model):
 
 
 # ---- batches
+
+
+def test_every_stage_runtime_turns_cudnn_attention_off():
+    """cuDNN's SDPA gave NaN gradients in the reward model's shared-prefix step on an H200 and
+    re-plans for every sequence length (bench/gpu_results): every entry point's setup_runtime
+    switches it off, the other SDPA kernels stay on."""
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    setup_runtime("cpu", "fp32")
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
+    assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
 
 
 def test_micro_batch_layout():
