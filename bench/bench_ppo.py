@@ -42,12 +42,14 @@ import argparse
 import contextlib
 import dataclasses
 import inspect
+import json
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import common  # noqa: F401  (offline environment and sys.path first)
+import spark_projection as sp
 import torch
 
 import ppo
@@ -76,6 +78,42 @@ def query_dataset(tokenizer, batch_size: int, cache: Path) -> tuple[str, list[li
     datasets.DatasetDict({"train": rows}).save_to_disk(str(path))
     queries = [ids[-n:] for ids, n in zip(rows["query_token"], rows["query_token_len"])]
     return str(path), queries
+
+
+def flop_counts(queries: list[list[int]], args, vocab: int) -> dict:
+    """FLOPs of one update as each side lays it out (multiply-add = 2, backward = 2x forward, no
+    EOS: every response is `response_length` long, as with these random models). The ratio
+    TRL/ours bounds the speed-up at equal FLOP/s: the work ours leaves out, not faster kernels.
+    - TRL 1.12: every forward on the rollout left padded to its longest query; the LM head at
+      every position of the reference forward and of the policy's training forward; rollout
+      log-probs from the generation logits (no policy forward).
+    - ours: chunks and micro-batches trimmed to their own longest query, forwards on packed real
+      tokens (CPU), the LM head only at the response positions; the policy's rollout log-probs
+      recomputed (N+: the first ratio is exactly 1)."""
+    shape = sp.Shape("bench", hidden=common.MODEL_SHAPE["hidden_size"], layers=common.MODEL_SHAPE["num_hidden_layers"], heads=common.MODEL_SHAPE["num_attention_heads"],
+                     kv_heads=common.MODEL_SHAPE["num_key_value_heads"], intermediate=common.MODEL_SHAPE["intermediate_size"], vocab=vocab)  # fmt: skip
+    R, B, epochs = args.response_length, len(queries), 4
+    lengths = sorted((len(q) for q in queries), reverse=True)
+    Q = lengths[0]
+
+    def body(tokens_by_row):  # one forward, rows unpadded
+        return sum(sp.forward_flops(shape, 1, n, 0) for n in tokens_by_row)
+
+    head = 2 * shape.hidden * shape.vocab
+    decode = sum(sp.decode_step_flops(shape, B, Q + t) for t in range(R - 1))
+    chunks = [lengths[s : s + args.forward_batch_size] for s in range(0, B, args.forward_batch_size)]
+    padded_rows = [Q + R] * B
+    trl = {
+        "generation": body([Q] * B) + B * head + decode,
+        "rollout_forwards": 3 * body(padded_rows) + head * B * (Q + R),  # reference (full head), value, reward
+        "training": epochs * 3 * (2 * body(padded_rows) + head * B * (Q + R)),  # policy (full head) + value
+    }
+    ours = {
+        "generation": sum(body([c[0]] * len(c)) for c in chunks) + B * head + decode,
+        "rollout_forwards": 4 * body([n + R for n in lengths]) + 2 * head * B * R,  # policy, reference (response head), value, reward
+        "training": epochs * 3 * (2 * body([n + R for n in lengths]) + head * B * R),
+    }
+    return {"trl": trl, "ours": ours, "ratio_trl_over_ours": sum(trl.values()) / sum(ours.values())}
 
 
 class Turns:
@@ -285,8 +323,11 @@ def main() -> None:
     rates = {n: [args.batch_size / t for t in ts] for n, ts in seconds.items()}
     ratios = {f"ours/{n}": [t / o for t, o in zip(ts, seconds["ours"])] for n, ts in seconds.items() if n != "ours"}
     common.print_table(f"PPO update ({args.batch_size} episodes, {args.response_length} tokens, 4 epochs)", "episodes/s", rates, ratios)
+    flops = flop_counts(queries, args, json.loads((policy_dir / "config.json").read_text())["vocab_size"])
+    print("FLOPs of one update (GFLOP): " + "; ".join(f"{side} " + ", ".join(f"{k} {v / 1e9:,.0f}" for k, v in flops[side].items()) for side in ("ours", "trl"))
+          + f"; TRL/ours {flops['ratio_trl_over_ours']:.2f} (the speed-up at equal FLOP/s)")  # fmt: skip
     record_settings = dict(vars(args), ppo=settings(args), trl_variants={v: TRL_VARIANTS[v] for v in variants}, context_length=max(map(len, queries)))
-    common.record("ppo", record_settings, "episodes/s", rates, ratios, {"seconds": seconds})
+    common.record("ppo", record_settings, "episodes/s", rates, ratios, {"seconds": seconds, "flops": flops})
 
 
 if __name__ == "__main__":

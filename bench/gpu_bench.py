@@ -377,27 +377,39 @@ def bench_gemm(ctx: Context) -> dict:
     return {"gemm_bf16_flops": gemm, "gemm_size": n, "copy_bandwidth_bytes_per_s": copy, "copy_bytes": x.numel()}
 
 
-def bench_sft(ctx: Context, ws: Workspace) -> dict:
-    import torch
-
+def sft_setup(ctx: Context, ws: Workspace) -> types.SimpleNamespace:
+    """sft.main's setup with the recipe defaults: config, runtime, model, optimizer, rows."""
     import sft
     from dgx_spark_summary_from_human_feedback.data import load_tokenizer
-    from dgx_spark_summary_from_human_feedback.models import disable_dropout, lm_loss_sum, load_policy
-    from dgx_spark_summary_from_human_feedback.training import batch_indices, check_finite, distribute, make_optimizer, micro_batches, setup_runtime
+    from dgx_spark_summary_from_human_feedback.models import disable_dropout, load_policy
+    from dgx_spark_summary_from_human_feedback.training import make_optimizer, setup_runtime
 
     cfg = sft.Config()
-    batch, micro = (8, 4) if ctx.tiny else (cfg.batch_size, cfg.micro_batch_size)
     runtime = setup_runtime(ctx.device, cfg.precision)
     tokenizer = load_tokenizer(str(ws.policy_dir))
     model = load_policy(str(ws.policy_dir), tokenizer, dtype=runtime.param_dtype, device=runtime.device)
     disable_dropout(model)
     model.train()
-    loss_fn = distribute(model, lm_loss_sum, runtime, cfg.strategy)
     optimizer = make_optimizer(list(model.parameters()), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps, kind=ctx.optimizer, device=runtime.device)
     columns = ["query_reference_response_token", "query_reference_response_token_len", "reference_response_token_len"]
-    train = ws.sft_rows.with_format("torch", columns=columns)
-    lengths = list(ws.sft_rows["query_reference_response_token_len"])
-    response_lengths = list(ws.sft_rows["reference_response_token_len"])
+    return types.SimpleNamespace(
+        cfg=cfg, runtime=runtime, model=model, optimizer=optimizer, train=ws.sft_rows.with_format("torch", columns=columns),
+        batch=8 if ctx.tiny else cfg.batch_size, micro=4 if ctx.tiny else cfg.micro_batch_size,
+        lengths=list(ws.sft_rows["query_reference_response_token_len"]), response_lengths=list(ws.sft_rows["reference_response_token_len"]),
+    )  # fmt: skip
+
+
+def bench_sft(ctx: Context, ws: Workspace) -> dict:
+    import torch
+
+    import sft
+    from dgx_spark_summary_from_human_feedback.models import lm_loss_sum
+    from dgx_spark_summary_from_human_feedback.training import batch_indices, check_finite, distribute, micro_batches
+
+    setup = sft_setup(ctx, ws)
+    cfg, runtime, model, optimizer, train = setup.cfg, setup.runtime, setup.model, setup.optimizer, setup.train
+    batch, micro, lengths, response_lengths = setup.batch, setup.micro, setup.lengths, setup.response_lengths
+    loss_fn = distribute(model, lm_loss_sum, runtime, cfg.strategy)
 
     def step(i: int) -> dict:  # sft.main's loop body
         indices = batch_indices(i, len(train), batch, cfg.seed)

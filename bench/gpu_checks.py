@@ -111,21 +111,11 @@ def sft_profile(ctx, ws, out: dict) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     import sft
-    from dgx_spark_summary_from_human_feedback.data import load_tokenizer
-    from dgx_spark_summary_from_human_feedback.models import disable_dropout, lm_loss_sum, load_policy
-    from dgx_spark_summary_from_human_feedback.training import batch_indices, make_optimizer, micro_batches, setup_runtime
+    from dgx_spark_summary_from_human_feedback.models import lm_loss_sum
+    from dgx_spark_summary_from_human_feedback.training import batch_indices, micro_batches
 
-    cfg = sft.Config()
-    batch, micro = (8, 4) if ctx.tiny else (cfg.batch_size, cfg.micro_batch_size)
-    runtime = setup_runtime(ctx.device, cfg.precision)
-    tokenizer = load_tokenizer(str(ws.policy_dir))
-    model = load_policy(str(ws.policy_dir), tokenizer, dtype=runtime.param_dtype, device=runtime.device)
-    disable_dropout(model)
-    model.train()
-    optimizer = make_optimizer(list(model.parameters()), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps, kind=ctx.optimizer, device=runtime.device)
-    columns = ["query_reference_response_token", "query_reference_response_token_len", "reference_response_token_len"]
-    train = ws.sft_rows.with_format("torch", columns=columns)
-    lengths = list(ws.sft_rows["query_reference_response_token_len"])
+    setup = gb.sft_setup(ctx, ws)
+    runtime, model, optimizer, train, batch, micro, lengths = setup.runtime, setup.model, setup.optimizer, setup.train, setup.batch, setup.micro, setup.lengths
     phases: dict[str, float] = {}
 
     def timed(name, fn):
@@ -137,7 +127,7 @@ def sft_profile(ctx, ws, out: dict) -> None:
         return value
 
     def step(i):
-        indices = batch_indices(i, len(train), batch, cfg.seed)
+        indices = batch_indices(i, len(train), batch, setup.cfg.seed)
         for rows in micro_batches(indices, [lengths[k] for k in indices], micro, 0, 1):
             ids, mask, labels = timed("data", lambda rows=rows: sft.sft_batch(train[rows], False, runtime.device))
             with runtime.autocast():

@@ -137,6 +137,21 @@ def test_packed_forward_matches_the_padded_forward_and_its_gradients(model, toke
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_packed_forward_under_gradient_checkpointing(model, tokenizer):
+    """The segments reach the attention through checkpointed layers too (`--gradient-checkpointing`)."""
+    ids, mask = padded_rows(tokenizer)
+    keep = mask.bool()
+    checkpointed = copy.deepcopy(model).train()
+    checkpointed.gradient_checkpointing_enable()
+    grads = []
+    for m in (model, checkpointed):
+        m.zero_grad()
+        (hidden_states(m, ids, mask, pack=True)[keep] ** 2).sum().backward()
+        grads.append(m.model.layers[0].self_attn.q_proj.weight.grad.clone())
+    model.zero_grad()
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)
+
+
 def test_packed_rows_do_not_attend_to_each_other(model, tokenizer):
     ids, mask = padded_rows(tokenizer)
     changed = ids.clone()
