@@ -559,7 +559,7 @@ def project(args) -> dict:
     for episodes in (100_000, 1_000_000):
         updates = episodes // p["batch_size"]
         add(
-            f"PPO, {episodes:,} episodes", QWEN_0_5B, f"{updates} updates x {p['batch_size']} (4 models; queries padded to {context:.0f})",
+            f"PPO, {episodes:,} episodes", QWEN_0_5B, f"{updates} updates x {p['batch_size']} (4 models; FLOPs counted with queries padded to {context:.0f}, the rollout's longest)",
             updates * (w["prefill_flops"] + w["decode_flops"] + w["forward_flops"] + w["train_flops"]), updates * update_s, ppo_mem, measured_peak_gb.get("ppo"),
             f"fwd {eff['ppo_forward']:.0%} / train {eff['ppo_train']:.0%} ({eff_source['ppo_train']})",
         )  # fmt: skip

@@ -133,8 +133,8 @@ def test_packed_forward_matches_the_padded_forward_and_its_gradients(model, toke
     model.zero_grad()
     torch.testing.assert_close(packed[keep], padded[keep], rtol=1e-5, atol=1e-5)
     assert (packed[~keep] == 0).all()  # padding is not computed
-    for name, grad in padded_grads.items():
-        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    for name, grad in padded_grads.items():  # fp32 sums in another order: 1e-4 of each gradient's scale
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-4 * float(grad.abs().max()), msg=name)
 
 
 def test_packed_forward_under_gradient_checkpointing(model, tokenizer):
