@@ -70,7 +70,7 @@ def reward_nan(ctx, ws, out: dict, steps: int, force: bool = False) -> None:
             loss = -F.logsigmoid(chosen - rejected).sum()
             loss.backward()
         bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
-        return {"loss": float(loss), "scores_finite": bool(torch.isfinite(chosen).all() and torch.isfinite(rejected).all()), "nan_grad_params": len(bad), "first_bad": bad[-3:]}
+        return {"loss": float(loss.detach()), "scores_finite": bool(torch.isfinite(chosen).all() and torch.isfinite(rejected).all()), "nan_grad_params": len(bad), "first_bad": bad[-3:]}
 
     for i in range(steps):
         indices = batch_indices(i, len(train), batch, cfg.seed)
