@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 import reward
 from dgx_spark_summary_from_human_feedback.models import disable_dropout, get_pair_scores, load_reward_model
-from dgx_spark_summary_from_human_feedback.training import batch_indices, distribute, make_optimizer, micro_batches, no_sync, setup_runtime
+from dgx_spark_summary_from_human_feedback.training import batch_indices, clip_gradients, distribute, make_optimizer, micro_batches, no_sync, setup_runtime
 
 LR, BETAS, EPS, WEIGHT_DECAY, CLIP, SEED = 5e-5, (0.9, 0.999), 1e-8, 0.0, 1.0, 42
 
@@ -54,7 +54,7 @@ def make_ours(reward_dir, tokenizer, train, pair_lengths, batch_size, micro_batc
                 loss_sum = -F.logsigmoid(chosen - rejected).sum()
                 (loss_sum / batch_size).backward()
             loss_total += loss_sum.detach()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        clip_gradients(model.parameters(), CLIP)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return float(loss_total) / batch_size

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 import sft
 from dgx_spark_summary_from_human_feedback.models import disable_dropout, lm_loss_sum, load_policy, position_ids
-from dgx_spark_summary_from_human_feedback.training import batch_indices, distribute, make_optimizer, micro_batches, no_sync, setup_runtime
+from dgx_spark_summary_from_human_feedback.training import batch_indices, clip_gradients, distribute, make_optimizer, micro_batches, no_sync, setup_runtime
 
 COLUMNS = ["query_reference_response_token", "query_reference_response_token_len", "reference_response_token_len"]
 LR, BETAS, EPS, WEIGHT_DECAY, CLIP, SEED = 3e-6, (0.9, 0.95), 1e-8, 0.1, 1.0, 42
@@ -64,7 +64,7 @@ def make_ours(policy_dir, tokenizer, train, lengths, response_lengths, micro_bat
                 loss_sum, _ = loss_fn(ids, mask, labels)
                 (loss_sum / n_labels).backward()
             loss_total += loss_sum.detach()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        clip_gradients(model.parameters(), CLIP)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return float(loss_total) / n_labels
@@ -91,7 +91,7 @@ def make_pad575(policy_dir, tokenizer, train, response_lengths, micro_batch_size
             logits = model(input_ids=ids, attention_mask=mask.long(), position_ids=position_ids(mask), use_cache=False).logits
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
             (loss / n_labels).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        clip_gradients(model.parameters(), CLIP)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -404,7 +404,7 @@ def bench_sft(ctx: Context, ws: Workspace) -> dict:
 
     import sft
     from dgx_spark_summary_from_human_feedback.models import lm_loss_sum
-    from dgx_spark_summary_from_human_feedback.training import batch_indices, check_finite, distribute, micro_batches
+    from dgx_spark_summary_from_human_feedback.training import batch_indices, check_finite, clip_gradients, distribute, micro_batches
 
     setup = sft_setup(ctx, ws)
     cfg, runtime, model, optimizer, train = setup.cfg, setup.runtime, setup.model, setup.optimizer, setup.train
@@ -426,9 +426,9 @@ def bench_sft(ctx: Context, ws: Workspace) -> dict:
             counted = sp.sft_micro_work(ws.shape, [(lengths[k] - response_lengths[k], response_lengths[k]) for k in rows])
             for key in work:
                 work[key] += counted[key]
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        grad_norm = clip_gradients(model.parameters(), cfg.grad_clip)
         loss = float(loss_total) / n_labels
-        check_finite(i, {"train/loss": loss, "grad_norm": float(grad_norm)}, ws.root)
+        check_finite(i, {"train/loss": loss, "grad_norm": grad_norm}, ws.root)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         work["bytes"] += sp.BYTES["optimizer_step_per_param"][ctx.optimizer] * ws.shape.params("lm")
@@ -450,7 +450,7 @@ def bench_reward(ctx: Context, ws: Workspace, policy_dir: Path, shape: sp.Shape)
     import reward
     from dgx_spark_summary_from_human_feedback.data import load_tokenizer
     from dgx_spark_summary_from_human_feedback.models import disable_dropout, get_pair_scores, load_reward_model
-    from dgx_spark_summary_from_human_feedback.training import batch_indices, check_finite, distribute, make_optimizer, micro_batches, setup_runtime
+    from dgx_spark_summary_from_human_feedback.training import batch_indices, check_finite, clip_gradients, distribute, make_optimizer, micro_batches, setup_runtime
 
     cfg = reward.Config()
     batch, micro = (8, 4) if ctx.tiny else (cfg.batch_size, cfg.micro_batch_size)
@@ -479,9 +479,9 @@ def bench_reward(ctx: Context, ws: Workspace, policy_dir: Path, shape: sp.Shape)
             counted = sp.reward_micro_work(shape, [(query_len[k], chosen_len[k] - query_len[k], rejected_len[k] - query_len[k]) for k in rows_idx])
             for key in work:
                 work[key] += counted[key]
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        grad_norm = clip_gradients(model.parameters(), cfg.grad_clip)
         loss = float(loss_total) / batch
-        check_finite(i, {"train/loss": loss, "grad_norm": float(grad_norm)}, ws.root)
+        check_finite(i, {"train/loss": loss, "grad_norm": grad_norm}, ws.root)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         work["bytes"] += sp.BYTES["optimizer_step_per_param"][ctx.optimizer] * shape.params("score")

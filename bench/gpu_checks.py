@@ -42,7 +42,7 @@ def reward_nan(ctx, ws, out: dict, steps: int, force: bool = False) -> None:
     import reward
     from dgx_spark_summary_from_human_feedback.data import load_tokenizer
     from dgx_spark_summary_from_human_feedback.models import disable_dropout, get_pair_scores, load_reward_model
-    from dgx_spark_summary_from_human_feedback.training import batch_indices, distribute, make_optimizer, micro_batches, setup_runtime
+    from dgx_spark_summary_from_human_feedback.training import batch_indices, clip_gradients, distribute, make_optimizer, micro_batches, setup_runtime
 
     cfg = reward.Config()
     batch, micro = (8, 4) if ctx.tiny else (cfg.batch_size, cfg.micro_batch_size)
@@ -100,19 +100,18 @@ def reward_nan(ctx, ws, out: dict, steps: int, force: bool = False) -> None:
                     step_log[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             print(f"gpu_checks: reward step {i} micro {k}: " + json.dumps({n: step_log[n] for n in variants}), flush=True)
             return
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        clip_gradients(params, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         print(f"gpu_checks: reward step {i} finite", flush=True)
 
 
 def sft_profile(ctx, ws, out: dict) -> None:
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     import sft
     from dgx_spark_summary_from_human_feedback.models import lm_loss_sum
-    from dgx_spark_summary_from_human_feedback.training import batch_indices, micro_batches
+    from dgx_spark_summary_from_human_feedback.training import batch_indices, clip_gradients, micro_batches
 
     setup = gb.sft_setup(ctx, ws)
     runtime, model, optimizer, train, batch, micro, lengths = setup.runtime, setup.model, setup.optimizer, setup.train, setup.batch, setup.micro, setup.lengths
@@ -133,7 +132,7 @@ def sft_profile(ctx, ws, out: dict) -> None:
             with runtime.autocast():
                 loss, _ = timed("forward", lambda: lm_loss_sum(model, ids, mask, labels))
                 timed("backward", lambda: (loss / 1000).backward())
-        timed("clip", lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+        timed("clip", lambda: clip_gradients(model.parameters(), setup.cfg.grad_clip))
         timed("optimizer", lambda: (optimizer.step(), optimizer.zero_grad(set_to_none=True)))
 
     step(0)
