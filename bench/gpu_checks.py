@@ -56,6 +56,7 @@ def reward_nan(ctx, ws, out: dict, steps: int, force: bool = False) -> None:
     train = ws.pairs.with_format("torch", columns=reward.PAIR_COLUMNS)
     pair_lengths = [max(c, r) for c, r in zip(ws.pairs["query_chosen_token_len"], ws.pairs["query_rejected_token_len"])]
     params = list(model.parameters())
+    score_fn = distribute(model, get_pair_scores, runtime)  # as reward.py
     backends = {n: getattr(torch.backends.cuda, f"{n}_sdp_enabled")() for n in ("flash", "mem_efficient", "math", "cudnn")} if ctx.device == "cuda" else {}
     log = {"sdp_enabled": backends, "steps": []}
     out["reward_nan"] = log
@@ -79,7 +80,7 @@ def reward_nan(ctx, ws, out: dict, steps: int, force: bool = False) -> None:
         found = None
         for k, rows_idx in enumerate(micro_batches(indices, [pair_lengths[j] for j in indices], micro, 0, 1)):
             rows = train[rows_idx]
-            chosen, rejected = reward.pair_scores(distribute(model, get_pair_scores, runtime), rows, runtime)
+            chosen, rejected = reward.pair_scores(score_fn, rows, runtime)
             (-F.logsigmoid(chosen - rejected).sum() / batch).backward()
             finite = all(torch.isfinite(p.grad).all() for p in params if p.grad is not None)
             if (not finite or force) and found is None:
