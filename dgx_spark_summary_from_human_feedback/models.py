@@ -218,22 +218,50 @@ def get_score(reward_model: PreTrainedModel, query_responses: torch.Tensor, atte
     return reward_model.score(last).squeeze(-1).float() + getattr(reward_model.config, "score_bias", 0.0)
 
 
-def get_pair_scores(reward_model: PreTrainedModel, queries: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor, response_mask: torch.Tensor, share_prefix: bool = True) -> torch.Tensor:
-    """(2B,) scores of rows chosen_1, rejected_1, chosen_2, ...: `get_score` of each query+summary.
+def pair_hidden_states(model: PreTrainedModel, queries: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor, response_mask: torch.Tensor, share_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states of two responses per query: (2B, H) at each query's last token and
+    (2B, Tr, H) at the response tokens, rows chosen_1, rejected_1, chosen_2, ...
 
     queries (B, Tq) left padded; responses (2B, Tr) right padded, two per query. With
-    `share_prefix` the query (~340 of ~375 tokens) runs once and both summaries run on a copy of
-    its KV cache, about half the tokens of two full rows, with the same scores and gradients;
+    `share_prefix` the query (~340 of ~375 tokens) runs once and both responses run on a copy of
+    its KV cache, about half the tokens of two full rows, with the same states and gradients;
     gradient checkpointing drops the cache, so it needs `share_prefix=False` (two full rows).
+    The reward step reads the score from these (`get_pair_scores`), DPO the log-probs
+    (`get_pair_logprobs`).
     """
     if not share_prefix:
-        ids = torch.cat([queries.repeat_interleave(2, 0), responses], 1)
-        return get_score(reward_model, ids, torch.cat([query_mask.repeat_interleave(2, 0), response_mask], 1))
-    out = reward_model.base_model(input_ids=queries, attention_mask=query_mask, position_ids=position_ids(query_mask), use_cache=True)
+        full_mask = torch.cat([query_mask.repeat_interleave(2, 0), response_mask], 1)
+        hidden = hidden_states(model, torch.cat([queries.repeat_interleave(2, 0), responses], 1), full_mask)
+        return hidden[:, queries.shape[1] - 1], hidden[:, queries.shape[1] :]
+    out = model.base_model(input_ids=queries, attention_mask=query_mask, position_ids=position_ids(query_mask), use_cache=True)
     cache = out.cache
-    cache.batch_repeat_interleave(2)  # keeps the graph: gradients reach the query through both summaries
+    cache.batch_repeat_interleave(2)  # keeps the graph: gradients reach the query through both responses
     mask = torch.cat([query_mask.repeat_interleave(2, 0), response_mask], 1)
     positions = query_mask.sum(1).repeat_interleave(2)[:, None] + torch.arange(responses.shape[1], device=responses.device)[None]
-    hidden = reward_model.base_model(input_ids=responses, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True).last_hidden_state
+    hidden = model.base_model(input_ids=responses, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True).last_hidden_state
+    return out.last_hidden_state[:, -1].repeat_interleave(2, 0), hidden
+
+
+def get_pair_scores(reward_model: PreTrainedModel, queries: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor, response_mask: torch.Tensor, share_prefix: bool = True) -> torch.Tensor:
+    """(2B,) scores of rows chosen_1, rejected_1, chosen_2, ...: `get_score` of each query+summary,
+    each query run once (`pair_hidden_states`)."""
+    _, hidden = pair_hidden_states(reward_model, queries, query_mask, responses, response_mask, share_prefix)
     last = hidden[torch.arange(hidden.shape[0], device=hidden.device), response_mask.sum(1) - 1]  # each summary's EOS
     return reward_model.score(last).squeeze(-1).float() + getattr(reward_model.config, "score_bias", 0.0)
+
+
+def get_pair_logprobs(policy: PreTrainedModel, queries: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor, response_mask: torch.Tensor, share_prefix: bool = True) -> torch.Tensor:
+    """(2B, Tr) log-probability of each response token under `policy` (0 on padding), rows
+    chosen_1, rejected_1, chosen_2, ..., each query run once (`pair_hidden_states`).
+
+    Response token t is predicted at the position before it: the query's last token for t = 0.
+    The LM head runs only at real response tokens (the 151,936-wide head would otherwise
+    dominate: ~35 of ~375 positions are response tokens).
+    """
+    query_last, hidden = pair_hidden_states(policy, queries, query_mask, responses, response_mask, share_prefix)
+    hidden = torch.cat([query_last[:, None], hidden[:, :-1]], 1)  # (2B, Tr, H): position t predicts token t
+    keep = response_mask.bool()
+    logits = policy.get_output_embeddings()(hidden[keep])  # (N, V)
+    logprobs = torch.zeros(responses.shape, dtype=torch.float32, device=responses.device)
+    logprobs[keep] = -F.cross_entropy(logits.float(), responses[keep], reduction="none")
+    return logprobs
