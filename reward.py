@@ -31,7 +31,6 @@ import functools
 import json
 import math
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -44,10 +43,10 @@ from dgx_spark_summary_from_human_feedback import cli, tiny
 from dgx_spark_summary_from_human_feedback.checkpoint import export_final, latest_checkpoint, make_output_dir, push_run, resume_point, rng_state, save_checkpoint, set_rng_state
 from dgx_spark_summary_from_human_feedback.data import InputError, Lengths, load_stage_data, load_tokenizer
 from dgx_spark_summary_from_human_feedback.models import check_checkpoint, disable_dropout, get_pair_scores, get_score, load_reward_model
-from dgx_spark_summary_from_human_feedback.tracking import Logger, config_table, markdown_table, plot_curves, read_metrics
+from dgx_spark_summary_from_human_feedback.tracking import Logger, accuracy_by, config_table, markdown_table, plot_curves, read_metrics
 from dgx_spark_summary_from_human_feedback.training import (
-    OptimizerKind, Precision, Strategy, all_reduce_sum, batch_indices, check_finite, clip_gradients, distribute, full_state_dicts, get_lr, load_optimizer_state,
-    make_optimizer, micro_batch_layout, micro_batches, no_sync, seed_everything, set_lr, setup_runtime, steps_per_epoch,
+    PAIR_COLUMNS, OptimizerKind, Precision, Strategy, all_reduce_sum, batch_indices, check_finite, clip_gradients, distribute, full_state_dicts, get_lr, load_optimizer_state,
+    make_optimizer, micro_batch_layout, micro_batches, no_sync, pair_batch, seed_everything, set_lr, setup_runtime, steps_per_epoch,
 )  # fmt: skip
 
 
@@ -127,23 +126,6 @@ PRESETS = {
     ),
 }  # fmt: skip
 
-PAIR_COLUMNS = ["query_token", "query_token_len", "chosen_token", "chosen_token_len", "rejected_token", "rejected_token_len"]
-
-
-def pair_batch(rows: dict, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, Tq) queries left padded to the longest and their mask; (2B, Tr) summaries (chosen,
-    rejected, chosen, ...) right padded to the longest and their mask. Lengths, not pad ids."""
-    query_lengths = rows["query_token_len"]
-    Tq = int(query_lengths.max())
-    queries = rows["query_token"][:, -Tq:]
-    query_mask = torch.arange(Tq)[None, :] >= (Tq - query_lengths)[:, None]
-    lengths = torch.stack([rows["chosen_token_len"], rows["rejected_token_len"]], 1).flatten()  # (2B,)
-    Tr = int(lengths.max())
-    responses = torch.stack([rows["chosen_token"][:, :Tr], rows["rejected_token"][:, :Tr]], 1).flatten(0, 1)
-    response_mask = torch.arange(Tr)[None, :] < lengths[:, None]
-    return queries.to(device), query_mask.long().to(device), responses.to(device), response_mask.long().to(device)
-
-
 def pair_scores(score_fn, rows: dict, runtime) -> tuple[torch.Tensor, torch.Tensor]:
     """(B,) scores of the chosen and of the rejected summaries, from one pass over each query.
 
@@ -179,15 +161,6 @@ def reference_scores(model, data, micro_batch_size: int, runtime) -> torch.Tenso
         with runtime.autocast():
             scores.append(get_score(model, rows["query_reference_response_token"][:, :T].to(runtime.device), mask.to(runtime.device)).float().cpu())
     return torch.cat(scores)
-
-
-def accuracy_by(chosen: torch.Tensor, rejected: torch.Tensor, groups: list) -> list[dict]:
-    """Accuracy and count per group value (confidence, policy pair, batch)."""
-    correct = (chosen > rejected).tolist()
-    by = defaultdict(list)
-    for g, c in zip(groups, correct):
-        by[str(g)].append(c)
-    return [{"group": g, "n": len(v), "accuracy": sum(v) / len(v)} for g, v in sorted(by.items())]
 
 
 def calibration(chosen: torch.Tensor, rejected: torch.Tensor, png: Path, title: str, bins: int = 10) -> list[dict]:

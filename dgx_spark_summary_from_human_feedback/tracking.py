@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 import math
 import os
 from pathlib import Path
@@ -89,6 +90,16 @@ def markdown_table(rows: list[dict], columns: list[str], max_chars: int = 300) -
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def accuracy_by(chosen: torch.Tensor, rejected: torch.Tensor, groups: list) -> list[dict]:
+    """Preference accuracy (chosen > rejected) and count per group value (confidence, policy
+    pair, batch): the reward model's scores or DPO's implicit rewards."""
+    correct = (chosen > rejected).tolist()
+    by = defaultdict(list)
+    for g, c in zip(groups, correct):
+        by[str(g)].append(c)
+    return [{"group": g, "n": len(v), "accuracy": sum(v) / len(v)} for g, v in sorted(by.items())]
 
 
 def config_table(config: dict) -> str:

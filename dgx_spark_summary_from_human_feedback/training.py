@@ -214,6 +214,24 @@ def micro_batches(indices: list[int], lengths: list[int], micro_batch_size: int,
         yield [indices[i] for i in share[start : start + micro_batch_size]]
 
 
+# the columns of a preference row that `pair_batch` reads (reward model and DPO)
+PAIR_COLUMNS = ["query_token", "query_token_len", "chosen_token", "chosen_token_len", "rejected_token", "rejected_token_len"]
+
+
+def pair_batch(rows: dict, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, Tq) queries left padded to the longest and their mask; (2B, Tr) summaries (chosen,
+    rejected, chosen, ...) right padded to the longest and their mask. Lengths, not pad ids."""
+    query_lengths = rows["query_token_len"]
+    Tq = int(query_lengths.max())
+    queries = rows["query_token"][:, -Tq:]
+    query_mask = torch.arange(Tq)[None, :] >= (Tq - query_lengths)[:, None]
+    lengths = torch.stack([rows["chosen_token_len"], rows["rejected_token_len"]], 1).flatten()  # (2B,)
+    Tr = int(lengths.max())
+    responses = torch.stack([rows["chosen_token"][:, :Tr], rows["rejected_token"][:, :Tr]], 1).flatten(0, 1)
+    response_mask = torch.arange(Tr)[None, :] < lengths[:, None]
+    return queries.to(device), query_mask.long().to(device), responses.to(device), response_mask.long().to(device)
+
+
 def all_reduce_sum(value: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     if runtime.world_size > 1:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
