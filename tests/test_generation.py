@@ -116,7 +116,8 @@ def test_tokens_after_an_eos_are_still_sampled(model, tokenizer):
     _, keep, has_eos = truncate_after_eos(responses, eos, tokenizer.pad_token_id)
     assert has_eos.any()
     after_eos = responses[has_eos][~keep[has_eos]]
-    assert len(after_eos) and (after_eos != eos).any()  # real samples after the first EOS
+    # real samples after the first EOS: many different tokens, not a constant filler (pad or EOS)
+    assert len(after_eos) >= 20 and len(set(after_eos.tolist())) >= 10, after_eos.tolist()
 
 
 # ---- next-token sampling

@@ -95,16 +95,17 @@ def test_extra_right_padding_does_not_change_the_loss(model, tokenizer):
     torch.testing.assert_close(loss_p, loss, rtol=1e-5, atol=1e-5)
 
 
-def test_left_padding_gives_the_same_hidden_states_as_no_padding(model, tokenizer):
+@pytest.mark.parametrize("pack", [True, False])  # packed: the CPU default; padded: what CUDA runs
+def test_left_padding_gives_the_same_hidden_states_as_no_padding(model, tokenizer, pack):
     g = torch.Generator().manual_seed(1)
     rows = [torch.randint(1, 700, (n,), generator=g) for n in (9, 4, 6)]
     T = max(len(r) for r in rows)
     ids = torch.stack([torch.cat([torch.full((T - len(r),), tokenizer.pad_token_id), r]) for r in rows])
     mask = torch.stack([torch.cat([torch.zeros(T - len(r)), torch.ones(len(r))]) for r in rows]).long()
     with torch.no_grad():
-        batched = hidden_states(model, ids, mask)
+        batched = hidden_states(model, ids, mask, pack=pack)
         for i, r in enumerate(rows):
-            alone = hidden_states(model, r[None], torch.ones(1, len(r), dtype=torch.long))[0]
+            alone = hidden_states(model, r[None], torch.ones(1, len(r), dtype=torch.long), pack=pack)[0]
             torch.testing.assert_close(batched[i, T - len(r) :], alone, rtol=1e-5, atol=1e-5)
 
 

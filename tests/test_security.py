@@ -9,7 +9,7 @@ import pytest
 
 from .conftest import REPO
 
-SOURCES = sorted([*REPO.glob("*.py"), *(REPO / "dgx_spark_summary_from_human_feedback").glob("*.py"), *(REPO / "bench").glob("*.py")])
+SOURCES = sorted([*REPO.glob("*.py"), *(REPO / "dgx_spark_summary_from_human_feedback").rglob("*.py"), *(REPO / "bench").glob("*.py")])
 
 
 def calls(path, name):
@@ -36,14 +36,39 @@ def test_no_trust_remote_code_anywhere():
     assert offenders == []
 
 
+def torch_load_calls(tree):
+    """Calls of torch.load under any spelling: `torch.load`, `import torch as t; t.load`,
+    `from torch import load [as f]; f(...)`, `torch.serialization.load`."""
+    modules, functions = {"torch"}, set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules |= {a.asname or a.name for a in node.names if a.name in ("torch", "torch.serialization")}
+        elif isinstance(node, ast.ImportFrom) and node.module in ("torch", "torch.serialization"):
+            functions |= {a.asname or a.name for a in node.names if a.name == "load"}
+            modules |= {a.asname or a.name for a in node.names if a.name == "serialization"}
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        if isinstance(func, ast.Name) and func.id in functions:
+            yield node
+        elif isinstance(func, ast.Attribute) and func.attr == "load" and ast.unparse(func.value) in modules | {"torch.serialization"}:
+            yield node
+
+
+def test_torch_load_calls_are_found_under_every_spelling():
+    source = "import torch\nimport torch as t\nfrom torch import load\nfrom torch import load as f\nfrom torch import serialization\n"
+    source += "torch.load(p)\nt.load(p)\nload(p)\nf(p)\nserialization.load(p)\ntorch.serialization.load(p)\njson.load(p)\n"
+    assert len(list(torch_load_calls(ast.parse(source)))) == 6
+
+
 def test_every_torch_load_is_weights_only():
     offenders = []
     for path in SOURCES:
-        for node in calls(path, "load"):
-            if isinstance(node.func, ast.Attribute) and getattr(node.func.value, "id", None) == "torch":
-                kw = {k.arg: k.value for k in node.keywords}
-                if not (isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True):
-                    offenders.append(f"{path.name}:{node.lineno}")
+        for node in torch_load_calls(ast.parse(path.read_text(), filename=str(path))):
+            kw = {k.arg: k.value for k in node.keywords}
+            if not (isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True):
+                offenders.append(f"{path.name}:{node.lineno}")
     assert offenders == []
 
 

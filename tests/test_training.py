@@ -86,7 +86,10 @@ def test_frozen_parameters_are_left_out():
     model = AutoModelForCausalLM.from_config(tiny.model_config())
     model.get_input_embeddings().weight.requires_grad_(False)
     opt = make_optimizer(list(model.parameters()), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, eps=1e-8, kind="adamw", device=torch.device("cpu"))
-    assert all(p.requires_grad for g in opt.param_groups for p in g["params"])
+    grouped = {id(p) for g in opt.param_groups for p in g["params"]}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert grouped == trainable and trainable  # every trainable parameter, and nothing frozen
+    assert id(model.get_input_embeddings().weight) not in grouped
 
 
 def test_adamw8bit_on_cpu_is_an_input_error(tiny_model):
