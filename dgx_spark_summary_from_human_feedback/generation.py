@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -43,6 +44,106 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p:
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+Decoding = Literal["eager", "static", "cuda_graph"]
+"""How `generate` runs its one-token decoding steps (issue 17):
+- eager: a KV cache and mask that grow by one column per step, as transformers does.
+- static: the KV cache, key mask and positions allocated once for the whole response and updated
+  in place, so every step has the same shapes and addresses; the same tokens as eager.
+- cuda_graph: static, with the decoding step captured once per `generate` call in a CUDA graph
+  and replayed: one launch per step instead of a dozen per layer. CUDA only.
+eager is the default on CPU and, until bench/gpu_issue17.py has measured the others on a GPU,
+on CUDA too."""
+
+
+def prefill(model, queries: torch.Tensor, query_mask: torch.Tensor):
+    """(B, V) next-token logits after the left-padded `queries` (B, Tq), and their KV cache."""
+    mask = query_mask.long()
+    out = model(input_ids=queries, attention_mask=mask, position_ids=position_ids(mask), use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1], out.cache
+
+
+def eager_decoder(model, queries: torch.Tensor, query_mask: torch.Tensor):
+    """Prefill; return the (B, V) logits and `decode(next_tokens (B,)) -> (B, V) logits`."""
+    logits, cache = prefill(model, queries, query_mask)
+    mask = query_mask.long()
+
+    def decode(next_tokens: torch.Tensor) -> torch.Tensor:
+        nonlocal mask, cache
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        out = model(input_ids=next_tokens[:, None], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1, cache=cache, use_cache=True)
+        cache = out.cache
+        return out.logits[:, -1]
+
+    return logits, decode
+
+
+def static_decoder(model, queries: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int, cuda_graph: bool):
+    """As `eager_decoder`, over a StaticCache of L = Tq + max_new_tokens - 1 slots, slot Tq + t
+    holding the t-th sampled token. A step reads and writes only tensors allocated here (ids,
+    positions, key mask, cache) and advances them in place, so one captured step replays as the
+    next. The prefill is eager's own forward (same logits); its keys and values are copied in."""
+    from transformers import StaticCache
+
+    if any(kind != "full_attention" for kind in getattr(model.config, "layer_types", None) or []):
+        raise InputError(f"static decoding needs full attention in every layer ({model.config.model_type} has sliding-window layers): use --decoding eager")
+    B, Tq = queries.shape
+    logits, prefilled = prefill(model, queries, query_mask)
+    cache = StaticCache(config=model.config, max_cache_len=Tq + max_new_tokens - 1)
+    for i, layer in enumerate(prefilled.layers):
+        cache.update(layer.keys, layer.values, i)
+    del prefilled
+    key_mask = torch.zeros(B, Tq + max_new_tokens - 1, dtype=torch.bool, device=queries.device)  # (B, L) slots each row attends to
+    key_mask[:, :Tq] = query_mask.bool()
+    slot = torch.tensor([Tq], device=queries.device)  # (1,) the slot this step writes
+    positions = query_mask.long().sum(-1, keepdim=True)  # (B, 1) position of the token this step reads
+    ids = torch.zeros(B, 1, dtype=torch.long, device=queries.device)
+
+    def step() -> torch.Tensor:
+        key_mask.index_fill_(1, slot, True)
+        # a 4D mask goes to the attention as is: no per-step mask building, no host sync
+        out = model(input_ids=ids, attention_mask=key_mask[:, None, None, :], position_ids=positions, cache=cache, use_cache=True)
+        slot.add_(1)
+        positions.add_(1)
+        return out.logits[:, -1]
+
+    graph = None
+
+    def decode(next_tokens: torch.Tensor) -> torch.Tensor:
+        nonlocal graph
+        ids.copy_(next_tokens[:, None])
+        if not cuda_graph:
+            return step()
+        if graph is None:  # captured at the first step: the cache is filled and the ids are real
+            state = [key_mask, slot, positions, *(layer.cumulative_length for layer in cache.layers)]
+            graph = capture(step, state)
+        graph[0].replay()
+        return graph[1]
+
+    return logits, decode
+
+
+def capture(step, state: list[torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """A CUDA graph of one call of `step`, and its output tensor (rewritten by each replay).
+
+    The warm-up call (outside the graph, on a side stream, as CUDA graphs require: cuBLAS
+    workspaces, autocast's weight copies) advances `state`, so it is rewound; the keys and values
+    it wrote are the ones the first replay writes again. Autocast's cached weight copies are read
+    by the replays: they live until the caller's autocast exits, after `generate` returns.
+    """
+    saved = [t.clone() for t in state]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    for tensor, value in zip(state, saved):
+        tensor.copy_(value)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits = step()
+    return graph, logits
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -55,17 +156,24 @@ def generate(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     eos_token_id: int | None = None,
+    decoding: Decoding = "eager",
 ) -> torch.Tensor:
     """(B, max_new_tokens) sampled tokens after left-padded `queries` (B, Tq).
 
     Samples every position, EOS included: pass `eos_token_id` only to stop early once every row
-    has produced one (the tokens after a row's EOS are then arbitrary; truncate them).
+    has produced one (the tokens after a row's EOS are then arbitrary; truncate them). `decoding`
+    changes how the steps run (`Decoding`), not what they compute: sampling draws from the same
+    logits in the same order, so a generator state gives the same tokens.
     """
-    mask = query_mask.long()
-    out = model(input_ids=queries, attention_mask=mask, position_ids=position_ids(mask), use_cache=True, logits_to_keep=1)
+    if decoding == "cuda_graph" and queries.device.type != "cuda":
+        raise InputError(f"decoding cuda_graph needs a CUDA device (the model is on {queries.device.type}): use --decoding static or eager")
+    if decoding == "eager":
+        logits, decode = eager_decoder(model, queries, query_mask)
+    else:
+        logits, decode = static_decoder(model, queries, query_mask, max_new_tokens, cuda_graph=decoding == "cuda_graph")
     tokens, done = [], torch.zeros(queries.shape[0], dtype=torch.bool, device=queries.device)
     for t in range(max_new_tokens):
-        next_tokens = sample_next(out.logits[:, -1], temperature, top_k, top_p, generator)
+        next_tokens = sample_next(logits, temperature, top_k, top_p, generator)
         tokens.append(next_tokens)
         if eos_token_id is not None:
             done |= next_tokens == eos_token_id
@@ -73,8 +181,7 @@ def generate(
                 break
         if t == max_new_tokens - 1:
             break
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        out = model(input_ids=next_tokens[:, None], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1, cache=out.cache, use_cache=True)
+        logits = decode(next_tokens)
     responses = torch.stack(tokens, dim=1)
     if responses.shape[1] < max_new_tokens:  # stopped early: every row already has its EOS
         fill = responses.new_full((responses.shape[0], max_new_tokens - responses.shape[1]), eos_token_id)
@@ -106,7 +213,7 @@ def pad_queries(query_tokens: list[list[int]], pad_token_id: int, device) -> tup
 
 def summarize(
     model, tokenizer, query_tokens: list[list[int]], *, batch_size: int, max_new_tokens: int, temperature: float,
-    top_k: int = 0, top_p: float = 1.0, seed: int = 0, autocast=None,
+    top_k: int = 0, top_p: float = 1.0, seed: int = 0, autocast=None, decoding: Decoding = "eager",
 ) -> list[dict]:  # fmt: skip
     """Generate one EOS-truncated summary per query: [{response, response_token, has_eos}]."""
     import contextlib
@@ -120,7 +227,7 @@ def summarize(
         with autocast() if autocast else contextlib.nullcontext():
             responses = generate(
                 model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                generator=generator, eos_token_id=tokenizer.eos_token_id,
+                generator=generator, eos_token_id=tokenizer.eos_token_id, decoding=decoding,
             )  # fmt: skip
         responses, keep, has_eos = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
         for row, i in enumerate(idx):
@@ -202,6 +309,8 @@ class Config:
     """nucleus sampling mass (1 = off)"""
     batch_size: int = 16
     """queries per generation batch (left padded)"""
+    decoding: Decoding = "eager"
+    """decoding steps: eager, static (preallocated KV cache) or cuda_graph (static, replayed as a CUDA graph)"""
     seed: int = 0
     """sampling seed"""
     device: str = "auto"
@@ -220,7 +329,7 @@ def main(cfg: Config) -> list[dict]:
     queries = query_tokens_of(rows, tokenizer, cfg.query_length)
     samples = summarize(
         model, tokenizer, queries, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-        top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed, autocast=runtime.autocast,
+        top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed, autocast=runtime.autocast, decoding=cfg.decoding,
     )  # fmt: skip
     records = []
     for row, q, s in zip(rows, queries, samples):

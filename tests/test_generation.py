@@ -205,3 +205,60 @@ def test_cli_bad_prompt_file_is_one_line(eos_prone_dir, tmp_path):
     result = run_cli("--checkpoint", str(eos_prone_dir), "--prompt-file", str(prompts), "--device", "cpu")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().startswith(f"error: {prompts} line 2: not JSON")
+
+
+# ---- static decoding (issue 17): the same tokens as the eager loop
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=0.7, top_k=50, top_p=0.9), dict(temperature=0.0)])
+def test_static_decoding_gives_the_same_tokens_as_eager(model, position_sensitive_model, tokenizer, sampling):
+    """Left-padded rows, EOS mid-way (sampling goes on past it, or stops once every row has one):
+    the preallocated cache, key mask and positions give what the growing ones give."""
+    eos = tokenizer.eos_token_id
+    likely = eos_prone(model, eos, boost=0.3)
+    ids, mask = pad_queries(QUERIES * 2, tokenizer.pad_token_id, "cpu")
+    for m, stop in ((position_sensitive_model, None), (likely, None), (likely, eos)):
+        kwargs = dict(max_new_tokens=24, eos_token_id=stop, **sampling)
+        eager = generate(m, ids, mask, generator=torch.Generator().manual_seed(5), **kwargs)
+        static = generate(m, ids, mask, generator=torch.Generator().manual_seed(5), decoding="static", **kwargs)
+        assert torch.equal(static, eager), (m is likely, stop)
+        if m is likely and sampling["temperature"] > 0:
+            first = (eager == eos).int().argmax(-1)
+            assert ((eager == eos).any(-1) & (first > 0) & (first < 23)).any()  # an EOS mid-way, then more samples
+        if m is position_sensitive_model and sampling["temperature"] == 0:
+            assert len(set(eager[0].tolist())) > 3  # a real continuation, so positions and masks matter
+
+
+def test_static_decoding_logits_match_eager_at_every_step(position_sensitive_model, tokenizer):
+    """Closer than tokens: every step's logits (fed the same tokens) agree to float rounding."""
+    ids, mask = pad_queries(QUERIES, tokenizer.pad_token_id, "cpu")
+    logits = {}
+    for decoding in ("eager", "static"):
+        seen = []
+        hook = position_sensitive_model.register_forward_hook(lambda _m, _a, out: seen.append(out.logits[:, -1].clone()))
+        try:
+            generate(position_sensitive_model, ids, mask, max_new_tokens=12, temperature=0.0, decoding=decoding)
+        finally:
+            hook.remove()
+        logits[decoding] = torch.stack(seen)
+    assert logits["static"].shape == (12, 3, logits["static"].shape[-1])
+    torch.testing.assert_close(logits["static"], logits["eager"], rtol=1e-5, atol=1e-5)
+
+
+def test_cuda_graph_decoding_off_cuda_is_a_one_line_error(model, tokenizer):
+    from dgx_spark_summary_from_human_feedback.generation import InputError
+
+    ids, mask = pad_queries(QUERIES, tokenizer.pad_token_id, "cpu")
+    with pytest.raises(InputError, match="cuda_graph needs a CUDA device"):
+        generate(model, ids, mask, max_new_tokens=4, temperature=1.0, decoding="cuda_graph")
+
+
+def test_cli_decoding_static_writes_the_same_samples(eos_prone_dir, tmp_path):
+    """The option reaches the CLI's sampling (and `summarize`, which SFT and evaluate.py share)."""
+    from dgx_spark_summary_from_human_feedback.generation import Config, main
+
+    records = {}
+    for decoding in ("eager", "static"):
+        records[decoding] = main(Config(checkpoint=str(eos_prone_dir), dataset=str(tiny.SFT_DIR), num_samples=6, batch_size=4, device="cpu", decoding=decoding))
+    assert records["static"] == records["eager"]
+    assert any(r["has_eos"] for r in records["eager"]) and any(len(r["response_token"]) > 1 for r in records["eager"])
