@@ -9,14 +9,17 @@ Two rules hold everywhere:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 import transformers
 from safetensors import safe_open
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -77,6 +80,22 @@ def fit_embeddings(model: PreTrainedModel, tokenizer) -> None:
 # packed attention: the rows of a padded batch run as one row of their real tokens
 
 PACKED_SDPA = "sdpa_packed"
+PACKED_VARLEN = "varlen_packed"
+PACKED_FLEX = "flex_packed"
+PackedAttention = Literal["sdpa_packed", "varlen_packed", "flex_packed"]
+"""How packed rows attend: the attention implementation our loaders give a model (`attention=`).
+- sdpa_packed: one SDPA call per row (the default; CPU packs with it, CUDA does not pack).
+- varlen_packed: all rows in one call of torch's `varlen_attn` (FlashAttention-2 kernels: CUDA,
+  bf16/fp16), forward and backward; a model loaded with it packs on CUDA too.
+- flex_packed: all rows in one `flex_attention` call with a block mask of the rows (compiled to
+  Triton on CUDA; on CPU forward only, uncompiled); a model loaded with it packs on CUDA too.
+  The fallback where FlashAttention has no kernels for the GPU: on the DGX Spark (sm_121) cuDNN's
+  varlen backward is reported unsupported (torch's `varlen_attn` does not use cuDNN; whether its
+  FlashAttention kernels run on sm_121 is what bench/gpu_issue17.py checks there), while
+  Triton compiles for any recent GPU.
+Which one pays on a GPU is measured by bench/gpu_issue17.py (issue 17); none is claimed faster
+yet, so the loaders keep sdpa_packed. Generation, masks and KV caches use transformers' SDPA
+under all three."""
 
 
 def sdpa_packed(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, segments=None, **kwargs):
@@ -96,25 +115,82 @@ def sdpa_packed_mask(**kwargs):
     return None if kwargs.get("attention_mask") is None else sdpa_mask(**kwargs)
 
 
-AttentionInterface.register(PACKED_SDPA, sdpa_packed)
-AttentionMaskInterface.register(PACKED_SDPA, sdpa_packed_mask)
+def varlen_packed(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, cu_seqlens=None, max_seqlen=None, **kwargs):
+    """`sdpa_packed` with the rows in one FlashAttention varlen call: `cu_seqlens` (rows + 1,) int32
+    offsets of the rows in the packed row and `max_seqlen` the longest, from `hidden_states`."""
+    if cu_seqlens is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+    if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16):
+        raise InputError(f"{PACKED_VARLEN} attention runs on CUDA in bf16/fp16 only (got {query.device.type}, {query.dtype}): use bf16 autocast on a GPU, or {PACKED_SDPA}")
+    from torch.nn.attention.varlen import varlen_attn
+
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (N, heads, D)
+    out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scaling, window_size=(-1, 0), enable_gqa=True)  # (-1, 0): causal
+    return out[None], None  # (1, N, heads, D)
 
 
-def load_policy(path: str, tokenizer, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", revision: str | None = None) -> PreTrainedModel:
+@functools.cache
+def compiled_flex_attention():
+    # flex_attention is only fast compiled (Triton); uncompiled it is a reference implementation
+    return torch.compile(flex_attention)
+
+
+def flex_packed(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, block_mask=None, **kwargs):
+    """`sdpa_packed` with the rows in one `flex_attention` call: `block_mask` lets each token see
+    the earlier tokens of its own row (from `hidden_states`)."""
+    if block_mask is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+    if not query.is_cuda and query.requires_grad:
+        raise InputError(f"{PACKED_FLEX} attention has no backward on CPU (torch's flex_attention): train on CPU with {PACKED_SDPA}")
+    attend = compiled_flex_attention() if query.is_cuda else flex_attention
+    out = attend(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2), None
+
+
+for _name, _attention in ((PACKED_SDPA, sdpa_packed), (PACKED_VARLEN, varlen_packed), (PACKED_FLEX, flex_packed)):
+    AttentionInterface.register(_name, _attention)
+    AttentionMaskInterface.register(_name, sdpa_packed_mask)
+
+
+def packing_kwargs(model: PreTrainedModel, lengths: list[int], device) -> dict:
+    """What the model's packed attention needs to keep the packed rows of `lengths` apart."""
+    kind = model.config._attn_implementation
+    if kind == PACKED_VARLEN:
+        cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+        return {"cu_seqlens": cu_seqlens, "max_seqlen": max(lengths)}
+    if kind == PACKED_FLEX:
+        row = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))  # (N,) row of each token
+
+        def same_row_causal(b, h, q, kv):
+            return (row[q] == row[kv]) & (kv <= q)
+
+        n = len(row)
+        return {"block_mask": create_block_mask(same_row_causal, None, None, n, n, device=device)}
+    ends = list(itertools.accumulate(lengths))
+    return {"segments": [(end - n, end) for n, end in zip(lengths, ends) if n > 0]}
+
+
+def load_policy(
+    path: str, tokenizer, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", revision: str | None = None,
+    attention: PackedAttention = PACKED_SDPA,
+) -> PreTrainedModel:  # fmt: skip
     check_checkpoint(path, "policy")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=PACKED_SDPA, revision=revision)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention, revision=revision)
     fit_embeddings(model, tokenizer)
     return model.to(device)
 
 
-def load_reward_model(path: str, tokenizer, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *, new_head: bool = False) -> PreTrainedModel:
+def load_reward_model(
+    path: str, tokenizer, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *, new_head: bool = False,
+    attention: PackedAttention = PACKED_SDPA,
+) -> PreTrainedModel:  # fmt: skip
     """A reward checkpoint, or (new_head=True) a causal-LM backbone with a fresh N+ scalar head."""
     check_checkpoint(path, "policy" if new_head else "reward")
     verbosity = transformers.logging.get_verbosity()
     if new_head:
         transformers.logging.set_verbosity_error()  # "score.weight MISSING" is the point: we init it next
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype, attn_implementation=PACKED_SDPA)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype, attn_implementation=attention)
     finally:
         transformers.logging.set_verbosity(verbosity)
     if new_head:
@@ -152,19 +228,19 @@ def hidden_states(model: PreTrainedModel, input_ids: torch.Tensor, attention_mas
     the padding (12-30% of a length-sorted PPO micro-batch; a PPO update 1.2x faster on CPU).
     Every attention implementation gives the same result (transformers reads packed rows from
     the restarting position ids); ours skips the (N, N) mask. Off by default on CUDA, where its
-    per-row SDPA calls measured 2x slower than the padded forward (H200, bench/gpu_results).
+    per-row SDPA calls measured 2x slower than the padded forward (H200, bench/gpu_results),
+    unless the model was loaded with a one-call packed attention (`PackedAttention`).
     """
     if pack is None:
-        pack = input_ids.device.type == "cpu"
+        pack = input_ids.device.type == "cpu" or model.config._attn_implementation in (PACKED_VARLEN, PACKED_FLEX)
     if not pack:
         out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False)
         return out.last_hidden_state
     keep = attention_mask.bool()
     lengths = keep.sum(1).tolist()
-    ends = list(itertools.accumulate(lengths))
-    segments = [(end - n, end) for n, end in zip(lengths, ends) if n > 0]
     positions = position_ids(attention_mask)[keep]
-    out = model.base_model(input_ids=input_ids[keep][None], position_ids=positions[None], segments=segments, use_cache=False).last_hidden_state
+    packing = packing_kwargs(model, lengths, input_ids.device)
+    out = model.base_model(input_ids=input_ids[keep][None], position_ids=positions[None], use_cache=False, **packing).last_hidden_state
     hidden = out.new_zeros(*input_ids.shape, out.shape[-1])
     hidden[keep] = out[0]
     return hidden

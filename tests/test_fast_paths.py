@@ -1,0 +1,70 @@
+"""Issue 17's GPU paths, checked where the CPU runs them: one-call packed attention (flex on CPU,
+forward only) against the padded forward. Static decoding is in test_generation.py; the GPU
+checks (varlen, flex gradients, CUDA-graph decoding, speed) are bench/gpu_issue17.py."""
+
+import pytest
+import torch
+
+from dgx_spark_summary_from_human_feedback.generation import InputError
+from dgx_spark_summary_from_human_feedback.models import PACKED_FLEX, PACKED_VARLEN, get_score, hidden_states, load_policy, load_reward_model
+
+from .test_models import padded_rows
+
+
+@pytest.fixture(scope="module")
+def flex_model(tiny_model_dir, tokenizer):
+    return load_policy(str(tiny_model_dir), tokenizer, attention=PACKED_FLEX).eval()
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_packed_forward_matches_the_padded_forward(flex_model, tokenizer):
+    ids, mask = padded_rows(tokenizer)  # left, right and both-sides padding in one batch
+    keep = mask.bool()
+    with torch.no_grad():
+        packed, padded = hidden_states(flex_model, ids, mask), hidden_states(flex_model, ids, mask, pack=False)
+    torch.testing.assert_close(packed[keep], padded[keep], rtol=1e-5, atol=1e-5)
+    assert (packed[~keep] == 0).all()
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_packed_rows_do_not_attend_to_each_other(flex_model, tokenizer):
+    ids, mask = padded_rows(tokenizer)
+    changed = ids.clone()
+    changed[0, 5:] = torch.randint(1, 700, (8,), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        before, after = hidden_states(flex_model, ids, mask), hidden_states(flex_model, changed, mask)
+    assert not torch.allclose(before[0], after[0])
+    torch.testing.assert_close(after[1:], before[1:], rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_reward_model_scores_as_the_default_one(tiny_model_dir, tokenizer):
+    ids, mask = padded_rows(tokenizer)
+    mask[:, -1] = torch.tensor([1, 0, 0, 1])  # rows end at different columns: the score is read at each row's last token
+    scores = {}
+    for attention in ("sdpa_packed", PACKED_FLEX):
+        torch.manual_seed(0)  # the same fresh head
+        model = load_reward_model(str(tiny_model_dir), tokenizer, new_head=True, attention=attention).eval()
+        with torch.no_grad():
+            scores[attention] = get_score(model, ids, mask)
+    torch.testing.assert_close(scores[PACKED_FLEX], scores["sdpa_packed"], rtol=1e-5, atol=1e-5)
+
+
+def test_one_call_packed_attention_off_its_device_is_a_one_line_error(tiny_model_dir, flex_model, tokenizer):
+    ids, mask = padded_rows(tokenizer)
+    with pytest.raises(InputError, match="flex_packed attention has no backward on CPU"):
+        hidden_states(flex_model, ids, mask)  # grad enabled: a training forward
+    varlen = load_policy(str(tiny_model_dir), tokenizer, attention=PACKED_VARLEN).eval()
+    with pytest.raises(InputError, match="varlen_packed attention runs on CUDA in bf16/fp16 only"):
+        hidden_states(varlen, ids, mask)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_packed_attention_leaves_generation_on_sdpa(flex_model, tiny_model_dir, tokenizer):
+    """Outside packed forwards the one-call attentions are transformers' SDPA: same samples."""
+    from dgx_spark_summary_from_human_feedback.generation import generate, pad_queries
+
+    default = load_policy(str(tiny_model_dir), tokenizer).eval()
+    ids, mask = pad_queries([[5, 6, 7], list(range(40, 51))], tokenizer.pad_token_id, "cpu")
+    samples = [generate(m, ids, mask, max_new_tokens=8, temperature=1.0, generator=torch.Generator().manual_seed(0)) for m in (default, flex_model)]
+    assert torch.equal(samples[0], samples[1])
