@@ -260,13 +260,13 @@ def lm_loss_sum(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask:
     return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), int(keep.sum())
 
 
-def response_logits(model: PreTrainedModel, query_responses: torch.Tensor, attention_mask: torch.Tensor, context_length: int, temperature: float) -> torch.Tensor:
+def response_logits(model: PreTrainedModel, query_responses: torch.Tensor, attention_mask: torch.Tensor, context_length: int, temperature: float, pack: bool | None = None) -> torch.Tensor:
     """(B, R, V) logits / temperature that predict the R response tokens after `context_length`.
 
     N+ detail: the training forward divides by the sampling temperature, so the log-probs of
     the rollout and of the first PPO minibatch agree and the first ratio is exactly 1.
     """
-    hidden = hidden_states(model, query_responses, attention_mask)[:, context_length - 1 : -1]
+    hidden = hidden_states(model, query_responses, attention_mask, pack=pack)[:, context_length - 1 : -1]
     return model.get_output_embeddings()(hidden).float() / temperature
 
 
@@ -281,7 +281,7 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return T - 1 - attention_mask.long().flip(-1).argmax(-1)
 
 
-def get_score(reward_model: PreTrainedModel, query_responses: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def get_score(reward_model: PreTrainedModel, query_responses: torch.Tensor, attention_mask: torch.Tensor, pack: bool | None = None) -> torch.Tensor:
     """(B,) reward-model score of each query+response, read at its last real token (the EOS).
 
     The one scoring function: reward.py trains and normalises with it, ppo.py scores rollouts
@@ -289,7 +289,7 @@ def get_score(reward_model: PreTrainedModel, query_responses: torch.Tensor, atte
     padding and any pad id give the same score, and adds `config.score_bias`, the N+
     normalisation offset (references average 0).
     """
-    hidden = hidden_states(reward_model, query_responses, attention_mask)  # (B, T, H)
+    hidden = hidden_states(reward_model, query_responses, attention_mask, pack=pack)  # (B, T, H)
     last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]  # (B, H)
     return reward_model.score(last).squeeze(-1).float() + getattr(reward_model.config, "score_bias", 0.0)
 

@@ -17,8 +17,9 @@ from dgx_spark_summary_from_human_feedback.models import (
     logprobs_from_logits,
     response_logits,
 )
+from dgx_spark_summary_from_human_feedback.rollout import masked_whiten, value_predictions
+from dgx_spark_summary_from_human_feedback.rollout import rollout as sample_rollout
 from dgx_spark_summary_from_human_feedback.tracking import read_metrics
-from dgx_spark_summary_from_human_feedback.training import setup_runtime
 
 from .stage_fixtures import (  # noqa: F401
     assert_same_weights,
@@ -82,8 +83,9 @@ def test_kl_rewards_is_zero_kl_and_the_score_at_the_last_real_token_when_policy_
     mask = prefix_mask([6, 3, 1], 6, torch.float32)  # no EOS; EOS at 2; EOS at 0
     logprobs = torch.randn(3, 6) * mask
     scores = torch.tensor([0.5, -1.25, 2.0])
-    rewards, kl = ppo.kl_rewards(logprobs, logprobs.clone(), scores, mask, 0.05)
+    rewards, non_score_rewards, kl = ppo.kl_rewards(logprobs, logprobs.clone(), scores, mask, 0.05)
     assert torch.equal(kl, torch.zeros(3, 6))
+    assert torch.equal(non_score_rewards, torch.zeros(3, 6))
     expected = torch.zeros(3, 6)
     expected[0, 5], expected[1, 2], expected[2, 0] = 0.5, -1.25, 2.0  # no-EOS row: the final position
     assert torch.equal(rewards, expected)
@@ -94,7 +96,7 @@ def test_kl_rewards_penalise_real_tokens_only_and_put_the_score_on_the_eos():
     mask = prefix_mask([6, 3, 1], 6, torch.float32)
     logprobs, ref_logprobs = torch.randn(3, 6, generator=g), torch.randn(3, 6, generator=g)  # garbage after EOS
     scores = torch.tensor([0.5, -1.25, 2.0])
-    rewards, kl = ppo.kl_rewards(logprobs, ref_logprobs, scores, mask, 0.1)
+    rewards, non_score_rewards, kl = ppo.kl_rewards(logprobs, ref_logprobs, scores, mask, 0.1)
     after_eos = mask == 0
     assert torch.all(rewards[after_eos] == 0) and torch.all(kl[after_eos] == 0)  # exactly 0 after EOS
     torch.testing.assert_close(kl[~after_eos], (logprobs - ref_logprobs)[~after_eos])
@@ -103,6 +105,7 @@ def test_kl_rewards_penalise_real_tokens_only_and_put_the_score_on_the_eos():
     expected[1, 2] += -1.25
     expected[2, 0] += 2.0
     torch.testing.assert_close(rewards, expected)
+    torch.testing.assert_close(non_score_rewards, -0.1 * (logprobs - ref_logprobs) * mask)  # the penalty alone, no score
 
 
 def test_masked_whiten_ignores_padding_and_normalises_real_tokens():
@@ -111,11 +114,11 @@ def test_masked_whiten_ignores_padding_and_normalises_real_tokens():
     x = torch.randn(4, 7, generator=g, dtype=torch.float64) * 3 + 2
     padded_differently = torch.where(mask.bool(), x, 1000 * torch.randn(4, 7, generator=g, dtype=torch.float64))
     real = mask.bool()
-    whitened = ppo.masked_whiten(x, mask)
-    torch.testing.assert_close(whitened[real], ppo.masked_whiten(padded_differently, mask)[real], atol=1e-12, rtol=0)
+    whitened = masked_whiten(x, mask)
+    torch.testing.assert_close(whitened[real], masked_whiten(padded_differently, mask)[real], atol=1e-12, rtol=0)
     assert abs(float(whitened[real].mean())) < 1e-6
     assert abs(float(whitened[real].var(unbiased=False)) - 1) < 1e-6
-    kept_mean = ppo.masked_whiten(x, mask, shift_mean=False)
+    kept_mean = masked_whiten(x, mask, shift_mean=False)
     assert abs(float(kept_mean[real].mean() - x[real].mean())) < 1e-6
 
 
@@ -148,89 +151,97 @@ def rollout(tiny_model_dir, tokenizer):
         calls.append(attention_mask.clone())
         return torch.full((len(query_responses),), SCORE)
 
-    runtime = setup_runtime("cpu", "fp32")
-    data = ppo.rollout(policy, ref_policy, value_model, score_fn, queries, query_mask, cfg, tokenizer, runtime, torch.Generator().manual_seed(0))
-    return {"data": data, "policy": policy, "value_model": value_model, "queries": queries, "query_mask": query_mask, "cfg": cfg, "score_calls": calls}
+    settings = {k: getattr(cfg, k) for k in ("response_length", "temperature", "no_eos_score", "generation_batch_size", "forward_batch_size")}
+    batch = sample_rollout(policy, ref_policy, score_fn, queries, query_mask, tokenizer, value_model=value_model, generator=torch.Generator().manual_seed(0), **settings)
+    return {"batch": batch, "policy": policy, "value_model": value_model, "queries": queries, "query_mask": query_mask, "cfg": cfg, "score_calls": calls}
 
 
 def test_rollout_samples_rows_with_and_without_eos(rollout):
-    has_eos = rollout["data"]["has_eos"]
+    has_eos = rollout["batch"].has_eos
     assert has_eos.any() and not has_eos.all(), "the fixture should exercise both cases"
 
 
 def test_rollout_truncates_after_the_first_eos_and_scores_no_eos_rows_with_the_penalty(rollout, tokenizer):
-    data, cfg = rollout["data"], rollout["cfg"]
-    responses, mask = data["responses"], data["response_mask"]
+    batch, cfg = rollout["batch"], rollout["cfg"]
+    responses, mask = batch.responses, batch.response_mask
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     for i in range(len(responses)):
         row = responses[i].tolist()
-        if data["has_eos"][i]:
+        if batch.has_eos[i]:
             first = row.index(eos)
             assert row[first + 1 :] == [pad] * (cfg.response_length - first - 1)
             assert mask[i].tolist() == [1.0] * (first + 1) + [0.0] * (cfg.response_length - first - 1)
-            assert data["scores"][i] == SCORE
+            assert batch.scores[i] == SCORE
         else:
             assert eos not in row and pad not in row
             assert mask[i].tolist() == [1.0] * cfg.response_length
-            assert data["scores"][i] == cfg.no_eos_score
+            assert batch.scores[i] == cfg.no_eos_score
 
 
 def test_rollout_masks_under_left_padding(rollout):
-    data = rollout["data"]
-    C = data["context_length"]
+    batch = rollout["batch"]
+    C = batch.context_length
     assert C == rollout["queries"].shape[1]
-    assert torch.equal(data["query_responses"][:, :C], rollout["queries"])
-    assert torch.equal(data["attention_mask"][:, :C], rollout["query_mask"])  # left padding stays masked
-    assert torch.equal(data["attention_mask"][:, C:], data["response_mask"].long())
+    assert torch.equal(batch.query_responses[:, :C], rollout["queries"])
+    assert torch.equal(batch.attention_mask[:, :C], rollout["query_mask"])  # left padding stays masked
+    assert torch.equal(batch.attention_mask[:, C:], batch.response_mask.long())
     # the score sees the same mask, less leading columns that are padding in every row of its chunk
-    T = data["attention_mask"].shape[1]
+    T = batch.attention_mask.shape[1]
     seen = torch.cat([torch.nn.functional.pad(m, (T - m.shape[1], 0)) for m in rollout["score_calls"]])
-    assert torch.equal(seen, data["attention_mask"])
+    assert torch.equal(seen, batch.attention_mask)
     assert any(m.shape[1] < T for m in rollout["score_calls"])  # some chunk was trimmed
-    after_eos = data["response_mask"] == 0
+    after_eos = batch.response_mask == 0
     assert after_eos.any()
     for key in ("logprobs", "ref_logprobs", "values"):
-        assert torch.all(data[key][after_eos] == 0), key
+        assert torch.all(getattr(batch, key)[after_eos] == 0), key
 
 
 @torch.no_grad()
 def test_rollout_logprobs_and_values_equal_those_of_each_sequence_alone(rollout):
     """Left padding does not change a row's log-probs or values: compare with unpadded forwards."""
-    data, cfg, policy, value_model = rollout["data"], rollout["cfg"], rollout["policy"], rollout["value_model"]
-    C = data["context_length"]
-    for i in range(len(data["responses"])):
+    batch, cfg, policy, value_model = rollout["batch"], rollout["cfg"], rollout["policy"], rollout["value_model"]
+    C = batch.context_length
+    for i in range(len(batch.responses)):
         query = rollout["queries"][i][rollout["query_mask"][i].bool()]
-        n = int(data["response_mask"][i].sum())
-        response = data["responses"][i, :n]
+        n = int(batch.response_mask[i].sum())
+        response = batch.responses[i, :n]
         ids = torch.cat([query, response])[None]
         logits = policy(input_ids=ids).logits[0, len(query) - 1 : -1] / cfg.temperature
         logprobs = logits.log_softmax(-1).gather(1, response[:, None]).squeeze(1)
-        torch.testing.assert_close(data["logprobs"][i, :n], logprobs, atol=1e-4, rtol=0)
+        torch.testing.assert_close(batch.logprobs[i, :n], logprobs, atol=1e-4, rtol=0)
         hidden = value_model.model(input_ids=ids).last_hidden_state[0, len(query) - 1 : -1]
-        torch.testing.assert_close(data["values"][i, :n], value_model.score(hidden).squeeze(-1), atol=1e-4, rtol=0)
+        torch.testing.assert_close(batch.values[i, :n], value_model.score(hidden).squeeze(-1), atol=1e-4, rtol=0)
     assert C > len(rollout["queries"][5][rollout["query_mask"][5].bool()])  # some rows really are padded
 
 
 def test_kl_is_zero_when_the_policy_is_the_reference(rollout):
-    data = rollout["data"]
-    real = data["response_mask"].bool()
-    assert (data["logprobs"][real] - data["ref_logprobs"][real]).abs().max() < 1e-6
-    assert data["logprobs"][real].abs().min() > 0  # real log-probs, not zeros
+    batch = rollout["batch"]
+    real = batch.response_mask.bool()
+    assert (batch.logprobs[real] - batch.ref_logprobs[real]).abs().max() < 1e-6
+    assert batch.logprobs[real].abs().min() > 0  # real log-probs, not zeros
 
 
 def test_first_minibatch_ratio_is_one(rollout):
     """The training forward (logits / temperature, micro-batches unlike the rollout's forward
-    batches, shuffled) gives back the rollout's log-probs: every ratio of the first pass is 1."""
-    data, cfg, policy = rollout["data"], rollout["cfg"], rollout["policy"]
+    batches, shuffled) gives back the rollout's log-probs: every ratio of the first pass is 1,
+    so `ppo_losses` sees no KL and clips nothing."""
+    batch, cfg, policy, value_model = rollout["batch"], rollout["cfg"], rollout["policy"], rollout["value_model"]
     assert cfg.micro_batch_size != cfg.forward_batch_size
-    order = torch.randperm(len(data["responses"]), generator=torch.Generator().manual_seed(3))
+    order = torch.randperm(len(batch.responses), generator=torch.Generator().manual_seed(3))
     for start in range(0, len(order), cfg.micro_batch_size):
         mb = order[start : start + cfg.micro_batch_size]
-        logits = response_logits(policy, data["query_responses"][mb], data["attention_mask"][mb], data["context_length"], cfg.temperature)
-        new_logprobs = logprobs_from_logits(logits, data["responses"][mb])
-        mb_mask = data["response_mask"][mb]
-        ratio = torch.exp((new_logprobs - data["logprobs"][mb]) * mb_mask)
+        logits = response_logits(policy, batch.query_responses[mb], batch.attention_mask[mb], batch.context_length, cfg.temperature)
+        new_values = value_predictions(value_model, batch.query_responses[mb], batch.attention_mask[mb], batch.context_length)
+        mb_mask = batch.response_mask[mb]
+        advantages = torch.randn(mb_mask.shape, generator=torch.Generator().manual_seed(start))
+        losses = ppo.ppo_losses(logits, new_values, batch.responses[mb], batch.logprobs[mb], batch.values[mb], advantages, advantages, mb_mask, mb_mask.sum(), 0.2, 0.2)
+        new_logprobs = logprobs_from_logits(logits, batch.responses[mb])
+        ratio = torch.exp((new_logprobs - batch.logprobs[mb]) * mb_mask)
         assert (ratio - 1)[mb_mask.bool()].abs().max() < 1e-5
+        assert abs(float(losses["ratio"]) - 1) < 1e-5 and float(losses["approxkl"]) < 1e-10
+        assert float(losses["clipfrac"]) == 0 and float(losses["vf_clipfrac"]) == 0
+        # ratio 1: the surrogate is -advantage per real token
+        torch.testing.assert_close(losses["pg_loss"], -(advantages * mb_mask).sum() / mb_mask.sum(), atol=1e-5, rtol=0)
 
 
 # ---- learning a rule-based reward
