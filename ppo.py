@@ -57,7 +57,6 @@ from dgx_spark_summary_from_human_feedback.models import (
     check_checkpoint,
     disable_dropout,
     get_score,
-    last_token_index,
     load_policy,
     load_reward_model,
     logprobs_from_logits,
@@ -68,8 +67,11 @@ from dgx_spark_summary_from_human_feedback.rollout import (
     ScoreFn,
     entropy_from_logits,
     first_real_column,
+    kl_rewards,
     masked_mean,
     masked_whiten,
+    minibatch_order,
+    query_batch,
     rollout,
     value_predictions,
 )
@@ -256,15 +258,6 @@ def load_models(cfg: Config, tokenizer, runtime, resume_dir: Path | None = None,
 # steps 1-5: rollout, KL-shaped rewards, advantages
 
 
-def query_batch(rows: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, C) queries left padded to the longest of the rows, and their mask."""
-    query_lengths = rows["query_token_len"]  # (B,)
-    context_length = int(query_lengths.max())
-    queries = rows["query_token"][:, -context_length:]
-    query_mask = torch.arange(context_length)[None, :] >= (context_length - query_lengths)[:, None]
-    return queries.to(device), query_mask.long().to(device)
-
-
 def ppo_rollout(
     models: Models, queries, query_mask, cfg: Config, tokenizer, runtime, generator, trim_padding=True
 ) -> Rollout:
@@ -287,20 +280,6 @@ def ppo_rollout(
         trim_padding=trim_padding,
         pack=models.pack,
     )
-
-
-def kl_rewards(
-    logprobs, ref_logprobs, scores, response_mask, kl_coef
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Step 4: (B, R) per-token rewards, their KL-penalty part alone, and the KL. -kl_coef * KL
-    on every real token (EOS included), 0 after the EOS, and the score added at the last real
-    token."""
-    kl = (logprobs - ref_logprobs) * response_mask  # (B, R)
-    non_score_rewards = -kl_coef * kl
-    rewards = non_score_rewards.clone()
-    last = last_token_index(response_mask)  # (B,) the EOS, or the last token without one
-    rewards[torch.arange(len(scores), device=rewards.device), last] += scores
-    return rewards, non_score_rewards, kl
 
 
 def compute_advantages(rewards, values, response_mask, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -361,16 +340,6 @@ def ppo_losses(
             "pg_loss_mean": masked_mean(pg_losses, mask),
             "v_loss_mean": 0.5 * masked_mean(vf_losses, mask),
         }
-
-
-def minibatch_order(
-    n_rows: int, minibatch_size: int, query_lengths: torch.Tensor, generator: torch.Generator
-) -> torch.Tensor:
-    """A random split into minibatches (as N+), each sorted by query length so that its
-    micro-batches group similar lengths; the minibatch's gradient does not depend on that order."""
-    order = torch.randperm(n_rows, generator=generator).to(query_lengths.device)
-    chunks = [c[query_lengths[c].argsort(descending=True, stable=True)] for c in order.split(minibatch_size)]
-    return torch.cat(chunks)
 
 
 def ppo_update(

@@ -1,8 +1,10 @@
 """What the RL stages share: a rollout (sample, truncate after EOS, score, no-grad forwards) and
 masked statistics over response tokens.
 
-ppo.py calls `rollout` with its value model; a stage without one (GRPO) passes none. Reward
-shaping, advantages and the losses stay in each stage script: they define its algorithm.
+ppo.py calls `rollout` with its value model; a stage without one (GRPO) passes none. Both shape
+the reward the same way, N+'s per-token KL penalty (`kl_rewards`), and batch queries and
+minibatches alike (`query_batch`, `minibatch_order`). Advantages and the losses stay in each
+stage script: they define its algorithm.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Callable
 import torch
 
 from .generation import generate, truncate_after_eos
-from .models import hidden_states, logprobs_from_logits, response_logits
+from .models import hidden_states, last_token_index, logprobs_from_logits, response_logits
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (query_responses, attention_mask) -> (B,) scores
 
@@ -164,3 +166,40 @@ def rollout(
         scores=scores,
         context_length=context_length,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# batches of queries, the KL-shaped reward, minibatches
+
+
+def query_batch(rows: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, C) queries left padded to the longest of the rows, and their mask."""
+    query_lengths = rows["query_token_len"]  # (B,)
+    context_length = int(query_lengths.max())
+    queries = rows["query_token"][:, -context_length:]
+    query_mask = torch.arange(context_length)[None, :] >= (context_length - query_lengths)[:, None]
+    return queries.to(device), query_mask.long().to(device)
+
+
+def kl_rewards(
+    logprobs, ref_logprobs, scores, response_mask, kl_coef
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """N+ step 4: (B, R) per-token rewards, their KL-penalty part alone, and the KL. -kl_coef * KL
+    on every real token (EOS included), 0 after the EOS, and the score added at the last real
+    token."""
+    kl = (logprobs - ref_logprobs) * response_mask  # (B, R)
+    non_score_rewards = -kl_coef * kl
+    rewards = non_score_rewards.clone()
+    last = last_token_index(response_mask)  # (B,) the EOS, or the last token without one
+    rewards[torch.arange(len(scores), device=rewards.device), last] += scores
+    return rewards, non_score_rewards, kl
+
+
+def minibatch_order(
+    n_rows: int, minibatch_size: int, query_lengths: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """A random split into minibatches (as N+), each sorted by query length so that its
+    micro-batches group similar lengths; the minibatch's gradient does not depend on that order."""
+    order = torch.randperm(n_rows, generator=generator).to(query_lengths.device)
+    chunks = [c[query_lengths[c].argsort(descending=True, stable=True)] for c in order.split(minibatch_size)]
+    return torch.cat(chunks)
