@@ -53,6 +53,7 @@ from dgx_spark_summary_from_human_feedback.checkpoint import (
     write_text_atomic,
 )
 from dgx_spark_summary_from_human_feedback.data import Lengths, load_stage_data, load_tokenizer
+from dgx_spark_summary_from_human_feedback.generation import Decoding
 from dgx_spark_summary_from_human_feedback.models import (
     check_checkpoint,
     disable_dropout,
@@ -125,6 +126,8 @@ class Config:
     """sequences per no-grad forward (log-probs, values, scores)"""
     generation_batch_size: int = 128
     """queries sampled together"""
+    decoding: Decoding = "eager"
+    """decoding steps: eager, static (preallocated KV cache) or cuda_graph (static, each step a replayed CUDA graph)"""
     ppo_epochs: int = 4
     """passes over each rollout batch"""
     lr: float = 3e-6
@@ -279,6 +282,7 @@ def ppo_rollout(
         autocast=runtime.autocast,
         trim_padding=trim_padding,
         pack=models.pack,
+        decoding=cfg.decoding,
     )
 
 

@@ -137,6 +137,43 @@ def pair_scores(score_fn, rows: dict, runtime) -> tuple[torch.Tensor, torch.Tens
     return scores.view(-1, 2).unbind(1)
 
 
+def pairwise_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
+    """-log sigmoid(score_chosen - score_rejected), summed over the pairs (Stiennon et al. eq. 1)."""
+    return -F.logsigmoid(chosen_scores - rejected_scores).sum()
+
+
+def train_step(
+    score_fn, model, optimizer, train, indices: list[int], pair_lengths: list[int], cfg: Config, runtime, step: int, out_dir
+) -> dict:
+    """One optimizer step on the comparisons `indices` of `train`: this process's share in
+    micro-batches of similar length, `pairwise_loss` over the batch, clip, step. Returns
+    train/loss, train/accuracy, train/margin (over all processes), grad_norm, this process's tokens."""
+    by_length = [pair_lengths[i] for i in indices]
+    micros = list(micro_batches(indices, by_length, cfg.micro_batch_size, runtime.rank, runtime.world_size))
+    loss_total, correct, margin = (torch.zeros((), device=runtime.device) for _ in range(3))
+    tokens = 0
+    for i, micro in enumerate(micros):
+        rows = train[micro]
+        with no_sync(score_fn, skip=i < len(micros) - 1):
+            chosen, rejected = pair_scores(score_fn, rows, runtime)
+            loss_sum = pairwise_loss(chosen, rejected)
+            # mean over the whole batch for any micro-batch split; x world_size undoes the
+            # average over processes that DDP/FSDP2 apply
+            (loss_sum / cfg.batch_size * runtime.world_size).backward()
+        loss_total += loss_sum.detach()
+        correct += (chosen > rejected).sum().detach()
+        margin += (chosen - rejected).sum().detach()
+        tokens += int(2 * rows["query_token_len"].sum() + rows["chosen_token_len"].sum())
+        tokens += int(rows["rejected_token_len"].sum())
+    grad_norm = clip_gradients(model.parameters(), cfg.grad_clip)
+    check_finite(step, {"train/loss": float(loss_total) / cfg.batch_size, "grad_norm": grad_norm}, out_dir)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss, accuracy, mean_margin = (float(all_reduce_sum(x, runtime)) / cfg.batch_size for x in (loss_total, correct, margin))
+    stats = {"train/loss": loss, "train/accuracy": accuracy, "train/margin": mean_margin}
+    return {**stats, "grad_norm": grad_norm, "tokens": tokens}
+
+
 @torch.no_grad()
 def score_split(score_fn, data, micro_batch_size: int, runtime) -> tuple[torch.Tensor, torch.Tensor]:
     """(N,) chosen and rejected scores of every comparison in `data`."""
@@ -303,29 +340,13 @@ def main(cfg: Config) -> None:
             evaluate_and_checkpoint(step, save=step > start_step)  # a resumed run logs its first evaluation again
 
         indices = batch_indices(step, len(train), cfg.batch_size, cfg.seed)
-        loss_total, correct, margin = (torch.zeros((), device=runtime.device) for _ in range(3))
-        micros = list(micro_batches(indices, [pair_lengths[i] for i in indices], cfg.micro_batch_size, runtime.rank, runtime.world_size))
-        for i, micro in enumerate(micros):
-            rows = train[micro]
-            with no_sync(score_fn, skip=i < len(micros) - 1):
-                chosen, rejected = pair_scores(score_fn, rows, runtime)
-                loss_sum = -F.logsigmoid(chosen - rejected).sum()
-                # mean over the whole batch for any micro-batch split; x world_size undoes the
-                # average over processes that DDP/FSDP2 apply
-                (loss_sum / cfg.batch_size * runtime.world_size).backward()
-            loss_total += loss_sum.detach()
-            correct += (chosen > rejected).sum().detach()
-            margin += (chosen - rejected).sum().detach()
-            tokens_seen += int(2 * rows["query_token_len"].sum() + rows["chosen_token_len"].sum() + rows["rejected_token_len"].sum())
-        grad_norm = clip_gradients(model.parameters(), cfg.grad_clip)
-        check_finite(step, {"train/loss": float(loss_total) / cfg.batch_size, "grad_norm": grad_norm}, out)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        stats = [float(all_reduce_sum(x, runtime)) / cfg.batch_size for x in (loss_total, correct, margin)]
+        stats = train_step(score_fn, model, optimizer, train, indices, pair_lengths, cfg, runtime, step, out)
+        tokens_seen += stats.pop("tokens")
         tokens_per_s = tokens_seen * runtime.world_size / (time.time() - t0)
-        logger.log({"train/loss": stats[0], "train/accuracy": stats[1], "train/margin": stats[2], "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}, step)
-        bar.set_postfix(loss=f"{stats[0]:.3f}", acc=f"{stats[1]:.2f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+        grad_norm = stats.pop("grad_norm")
+        logger.log({**stats, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}, step)
+        loss, accuracy = stats["train/loss"], stats["train/accuracy"]
+        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.2f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
     evaluate_and_checkpoint(total_steps)
     if not runtime.is_main:
         return

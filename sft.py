@@ -98,6 +98,8 @@ class Config:
     """validation posts summarised (temperature `eval_temperature`) for ROUGE and the sample table"""
     eval_temperature: float = 0.01
     """N+ samples at 0.01 for evaluation (0 = greedy)"""
+    decoding: Decoding = "eager"
+    """decoding steps of the evaluation samples: eager, static or cuda_graph (`generation.Decoding`)"""
     resume: bool = False
     """continue from OUT/checkpoints' last checkpoint"""
     allow_config_change: bool = False
@@ -121,20 +123,51 @@ PRESETS = {
 }  # fmt: skip
 
 
-def sft_batch(rows: dict, train_on_query: bool, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sft_batch(rows: dict, train_on_query: bool, device, pad_to: int | None = None) -> tuple[torch.Tensor, ...]:
     """Trim a micro-batch to its longest row: (B, T) ids, mask, labels (-100 off the response).
 
-    Lengths, not pad ids, tell query, response and padding apart (N+ detail 4).
+    Lengths, not pad ids, tell query, response and padding apart (N+ detail 4). `pad_to` keeps
+    that many columns instead (bench/'s fixed-shape baseline: N+ padded every row to 575).
     """
     lengths = rows["query_reference_response_token_len"]  # (B,)
     response_lengths = rows["reference_response_token_len"]
-    T = int(lengths.max())
+    T = pad_to or int(lengths.max())
     ids = rows["query_reference_response_token"][:, :T]
     positions = torch.arange(T)[None, :]
     mask = positions < lengths[:, None]
     first_label = 0 if train_on_query else (lengths - response_lengths)[:, None]
     labels = ids.masked_fill(~mask | (positions < first_label), -100)
     return ids.to(device), mask.long().to(device), labels.to(device)
+
+
+def train_step(
+    loss_fn, model, optimizer, train, indices: list[int], lengths: list[int], response_lengths: list[int], cfg: Config,
+    runtime, step: int, out_dir, pad_to: int | None = None,
+) -> dict:
+    """One optimizer step on the rows `indices` of `train`: this process's share in micro-batches
+    of similar length, response-token loss (`models.lm_loss_sum` through `loss_fn`), clip, step.
+    Returns train/loss (over all processes), grad_norm and this process's non-pad tokens."""
+    by_length = [lengths[i] for i in indices]
+    rows_per_micro = list(micro_batches(indices, by_length, cfg.micro_batch_size, runtime.rank, runtime.world_size))
+    # labelled tokens of the whole batch: every response token (+ the query's after its first)
+    label_count = sum(lengths[i] - 1 if cfg.train_on_query else response_lengths[i] for i in indices)
+    loss_total, tokens = torch.zeros((), device=runtime.device), 0
+    for i, rows in enumerate(rows_per_micro):
+        ids, mask, labels = sft_batch(train[rows], cfg.train_on_query, runtime.device, pad_to)
+        with runtime.autocast(), no_sync(loss_fn, skip=i < len(rows_per_micro) - 1):
+            loss_sum, _ = loss_fn(ids, mask, labels)
+            # summed over the batch, divided by its label count: the same gradient for any
+            # micro-batch split (a per-micro-batch mean would weight short responses more);
+            # x world_size undoes the average over processes that DDP/FSDP2 apply
+            (loss_sum / label_count * runtime.world_size).backward()
+        loss_total += loss_sum.detach()
+        tokens += int(mask.sum())
+    grad_norm = clip_gradients(model.parameters(), cfg.grad_clip)
+    check_finite(step, {"train/loss": float(loss_total) / label_count, "grad_norm": grad_norm}, out_dir)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss = float(all_reduce_sum(loss_total, runtime)) / label_count
+    return {"train/loss": loss, "grad_norm": grad_norm, "tokens": tokens}
 
 
 @torch.no_grad()
@@ -217,29 +250,12 @@ def main(cfg: Config) -> None:
                 checkpoint(step, val_loss)
 
         indices = batch_indices(step, len(train), cfg.batch_size, cfg.seed)
-        rows_per_micro = list(micro_batches(indices, [lengths[i] for i in indices], cfg.micro_batch_size, runtime.rank, runtime.world_size))
-        # labelled tokens of the whole batch: every response token (+ the query's after its first)
-        n_labels = sum(lengths[i] - 1 if cfg.train_on_query else response_lengths[i] for i in indices)
-        loss_total = torch.zeros((), device=runtime.device)
-        for i, micro in enumerate(rows_per_micro):
-            ids, mask, labels = sft_batch(train[micro], cfg.train_on_query, runtime.device)
-            with runtime.autocast(), no_sync(loss_fn, skip=i < len(rows_per_micro) - 1):
-                loss_sum, _ = loss_fn(ids, mask, labels)
-                # summed over the batch, divided by its label count: the same gradient for any
-                # micro-batch split (a per-micro-batch mean would weight short responses more);
-                # x world_size undoes the average over processes that DDP/FSDP2 apply
-                (loss_sum / n_labels * runtime.world_size).backward()
-            loss_total += loss_sum.detach()
-            tokens_seen += int(mask.sum())
-        grad_norm = clip_gradients(model.parameters(), cfg.grad_clip)
-        check_finite(step, {"train/loss": float(loss_total) / n_labels, "grad_norm": grad_norm}, out)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        loss = float(all_reduce_sum(loss_total, runtime)) / n_labels
+        stats = train_step(loss_fn, model, optimizer, train, indices, lengths, response_lengths, cfg, runtime, step, out)
+        tokens_seen += stats["tokens"]
         tokens_per_s = tokens_seen * runtime.world_size / (time.time() - t0)
-        logger.log({"train/loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s}, step)
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+        record = {"train/loss": stats["train/loss"], "lr": lr, "grad_norm": stats["grad_norm"], "tokens_per_s": tokens_per_s}
+        logger.log(record, step)
+        bar.set_postfix(loss=f"{stats['train/loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
 
     # ---- final evaluation, checkpoint, export, report
     val_loss = evaluate_loss(loss_fn, val_loss_rows, cfg.micro_batch_size, runtime)
@@ -252,6 +268,7 @@ def main(cfg: Config) -> None:
     samples = summarize(
         model, tokenizer, query_tokens_of(val_sample_rows, tokenizer, cfg.query_length), batch_size=cfg.micro_batch_size,
         max_new_tokens=cfg.response_length, temperature=cfg.eval_temperature, seed=cfg.seed, autocast=runtime.autocast,
+        decoding=cfg.decoding,
     )  # fmt: skip
     references = [r["reference_response"].replace(tokenizer.eos_token, "").strip() for r in val_sample_rows]
     rouge = rouge_scores([s["response"] for s in samples], references)

@@ -151,7 +151,7 @@ def load_state(step_dir: Path) -> dict:
 
 
 # Config fields that may change on resume without breaking equivalence with an uninterrupted run.
-RESUME_SAFE_FIELDS = {"resume", "allow_config_change", "output_dir", "wandb_project", "wandb_run_name", "log_interval", "eval_interval", "save_interval", "num_eval_samples", "max_steps", "device"}
+RESUME_SAFE_FIELDS = {"resume", "allow_config_change", "output_dir", "wandb_project", "wandb_run_name", "log_interval", "eval_interval", "save_interval", "num_eval_samples", "max_steps", "device", "decoding"}  # decoding: how sampling steps run, not what they compute (generation.Decoding)
 
 
 def check_resume_config(saved: dict, current: dict, allow: bool) -> None:

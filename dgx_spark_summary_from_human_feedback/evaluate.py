@@ -40,7 +40,7 @@ import tyro
 from . import cli
 from .checkpoint import make_output_dir
 from .data import InputError, encode, load_tokenizer, right_pad
-from .generation import load_rows, query_tokens_of, summarize
+from .generation import Decoding, load_rows, query_tokens_of, summarize
 from .models import get_score, load_policy, load_reward_model
 from .training import frozen_dtype, setup_runtime
 
@@ -261,6 +261,8 @@ class Config:
     """query budget, as in training"""
     batch_size: int = 16
     """queries per generation batch"""
+    decoding: Decoding = "eager"
+    """decoding steps: eager, static or cuda_graph (`generation.Decoding`)"""
     seed: int = 0
     """sampling seed and the judge's A/B order"""
     device: str = "auto"
@@ -362,7 +364,8 @@ def main(cfg: Config) -> dict:
         model = load_policy(path, tokenizer, dtype=dtype, device=device).eval()
         references = [_reference(r, tokenizer.eos_token) for r in rows]
         samples = summarize(model, tokenizer, query_tokens_of(rows, tokenizer, cfg.query_length), batch_size=cfg.batch_size,
-                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed, autocast=autocast)  # fmt: skip
+                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed, autocast=autocast,
+                            decoding=cfg.decoding)  # fmt: skip
         del model
         records = []
         for row, ref, s in zip(rows, references, samples):

@@ -246,14 +246,14 @@ def hidden_states(model: PreTrainedModel, input_ids: torch.Tensor, attention_mas
     return hidden
 
 
-def lm_loss_sum(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+def lm_loss_sum(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, pack: bool | None = None) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over labels != -100, and their count.
 
     The LM head (151,936 wide on Qwen2.5, about a third of the 0.5B model's FLOPs) runs only at
     the positions that have a label: ~35 of ~370 tokens per SFT row. Callers divide by the
     number of labelled tokens of the whole optimizer batch, so gradient accumulation is exact.
     """
-    hidden = hidden_states(model, input_ids, attention_mask)[:, :-1]  # (B, T-1, H): position t predicts t+1
+    hidden = hidden_states(model, input_ids, attention_mask, pack=pack)[:, :-1]  # (B, T-1, H): position t predicts t+1
     targets = labels[:, 1:]
     keep = targets != -100
     logits = model.get_output_embeddings()(hidden[keep])  # (N, V)

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from .generation import generate, truncate_after_eos
+from .generation import Decoding, generate, truncate_after_eos
 from .models import hidden_states, last_token_index, logprobs_from_logits, response_logits
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (query_responses, attention_mask) -> (B,) scores
@@ -101,6 +101,7 @@ def rollout(
     autocast=contextlib.nullcontext,
     trim_padding: bool = True,
     pack: bool | None = None,
+    decoding: Decoding = "eager",
 ) -> Rollout:
     """Sample `response_length` tokens after each left-padded query at `temperature` (EOS not
     special), truncate after the first EOS, score (no EOS -> `no_eos_score`), and take the
@@ -109,7 +110,7 @@ def rollout(
     Generation runs `generation_batch_size` queries at a time, the forwards `forward_batch_size`;
     each chunk drops its all-padding leading columns unless `trim_padding` is off. `pack` is
     `models.hidden_states`' (None: packed on CPU). The two switches exist for the fixed-shape
-    baselines in bench/; the stages leave them alone.
+    baselines in bench/; the stages leave them alone. `decoding` is `generation.generate`'s.
     """
     B, context_length = queries.shape
 
@@ -130,6 +131,7 @@ def rollout(
                     max_new_tokens=response_length,
                     temperature=temperature,
                     generator=generator,
+                    decoding=decoding,
                 )
             )
     policy.train()
