@@ -68,3 +68,29 @@ def test_packed_attention_leaves_generation_on_sdpa(flex_model, tiny_model_dir, 
     ids, mask = pad_queries([[5, 6, 7], list(range(40, 51))], tokenizer.pad_token_id, "cpu")
     samples = [generate(m, ids, mask, max_new_tokens=8, temperature=1.0, generator=torch.Generator().manual_seed(0)) for m in (default, flex_model)]
     assert torch.equal(samples[0], samples[1])
+
+
+def test_rollout_with_static_decoding_is_the_eager_rollout(tiny_model_dir, tokenizer):
+    """PPO's (and GRPO's) rollout threads `decoding` to generate: same responses, log-probs, scores."""
+    from dgx_spark_summary_from_human_feedback.generation import pad_queries
+    from dgx_spark_summary_from_human_feedback.rollout import rollout
+
+    from .stage_fixtures import eos_prone
+
+    policy = eos_prone(load_policy(str(tiny_model_dir), tokenizer), tokenizer.eos_token_id, boost=0.3)
+    ref_policy = load_policy(str(tiny_model_dir), tokenizer).eval()
+    ids, mask = pad_queries([[5, 6, 7], list(range(40, 51)), list(range(100, 107)), [9] * 5], tokenizer.pad_token_id, "cpu")
+
+    def score_fn(query_responses, attention_mask):
+        return attention_mask.sum(-1).float()  # any function of the sampled rows
+
+    batches = {}
+    for decoding in ("eager", "static"):
+        batches[decoding] = rollout(
+            policy, ref_policy, score_fn, ids, mask, tokenizer, response_length=16, temperature=0.7, no_eos_score=-1.0,
+            generation_batch_size=3, forward_batch_size=2, generator=torch.Generator().manual_seed(0), decoding=decoding,
+        )  # fmt: skip
+    eager, static = batches["eager"], batches["static"]
+    assert eager.has_eos.any()  # EOS mid-way: truncation, padding and the no-EOS score are exercised too
+    for name in ("query_responses", "attention_mask", "responses", "has_eos", "logprobs", "ref_logprobs", "scores"):
+        assert torch.equal(getattr(static, name), getattr(eager, name)), name
