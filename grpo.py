@@ -46,6 +46,7 @@ from tqdm import tqdm
 from dgx_spark_summary_from_human_feedback import cli, tiny
 from dgx_spark_summary_from_human_feedback.checkpoint import export_final, make_output_dir, push_run, resume_point, rng_state, save_checkpoint, set_rng_state, write_text_atomic
 from dgx_spark_summary_from_human_feedback.data import InputError, Lengths, load_tokenizer
+from dgx_spark_summary_from_human_feedback.generation import Decoding
 from dgx_spark_summary_from_human_feedback.models import check_checkpoint, disable_dropout, get_score, load_policy, load_reward_model, logprobs_from_logits, response_logits
 from dgx_spark_summary_from_human_feedback.preprocess import load_stage_data
 from dgx_spark_summary_from_human_feedback.rollout import (
@@ -92,6 +93,8 @@ class Config:
     """sequences per no-grad forward (log-probs, scores)"""
     generation_batch_size: int = 128
     """sequences sampled together"""
+    decoding: Decoding = "eager"
+    """decoding steps: eager, static or cuda_graph (`generation.Decoding`)"""
     lr: float = 3e-6
     """learning rate, decayed linearly to 0"""
     cliprange: float = 0.2
@@ -312,7 +315,7 @@ def main(cfg: Config, score_fn: ScoreFn | None = None) -> dict:
         batch = rollout(
             policy, ref_policy, score_fn, queries, query_mask, tokenizer, response_length=cfg.response_length, temperature=cfg.temperature,
             no_eos_score=cfg.no_eos_score, generation_batch_size=cfg.generation_batch_size, forward_batch_size=cfg.forward_batch_size,
-            generator=sample_generator, autocast=runtime.autocast,
+            generator=sample_generator, autocast=runtime.autocast, decoding=cfg.decoding,
         )  # fmt: skip
 
         # steps 3-4: returns and group advantages; step 5: the clipped-surrogate epochs
