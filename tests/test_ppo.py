@@ -2,6 +2,8 @@
 truncation, the no-EOS score, masks under left padding, first ratio 1, KL 0 against itself);
 learning a rule-based reward; the smoke run; kill-and-resume."""
 
+import copy
+import dataclasses
 import json
 import math
 
@@ -20,6 +22,7 @@ from dgx_spark_summary_from_human_feedback.models import (
 from dgx_spark_summary_from_human_feedback.rollout import masked_whiten, value_predictions
 from dgx_spark_summary_from_human_feedback.rollout import rollout as sample_rollout
 from dgx_spark_summary_from_human_feedback.tracking import read_metrics
+from dgx_spark_summary_from_human_feedback.training import distribute, make_optimizer, setup_runtime
 
 from .stage_fixtures import (  # noqa: F401
     assert_same_weights,
@@ -221,7 +224,28 @@ def test_kl_is_zero_when_the_policy_is_the_reference(rollout):
     assert batch.logprobs[real].abs().min() > 0  # real log-probs, not zeros
 
 
-def test_first_minibatch_ratio_is_one(rollout):
+def test_first_minibatch_ratio_is_one(rollout, tmp_path):
+    """Inside the real update (`ppo.ppo_update`: leading padding trimmed, micro-batches unlike the
+    rollout's forward batches, shuffled minibatches) every ratio of the first minibatch of the
+    first epoch is 1 (N+ detail 19); after that minibatch's optimizer step the next one's is not."""
+    batch = rollout["batch"]
+    cfg = dataclasses.replace(rollout["cfg"], batch_size=10, num_minibatches=2, micro_batch_size=5, ppo_epochs=1, lr=1e-2)
+    policy, value_model = copy.deepcopy(rollout["policy"]), copy.deepcopy(rollout["value_model"])  # the fixture's stay untrained
+    runtime = setup_runtime("cpu", "fp32")
+    adam = dict(lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-5, kind="adamw", device=runtime.device)
+    models = ppo.Models(
+        policy=policy, value_model=value_model, ref_policy=None, score_fn=None,
+        policy_logits=distribute(policy, response_logits, runtime), value_fn=distribute(value_model, value_predictions, runtime),
+        policy_optimizer=make_optimizer(list(policy.parameters()), **adam), value_optimizer=make_optimizer(list(value_model.parameters()), **adam),
+    )  # fmt: skip
+    advantages, returns, _, _ = ppo.rewards_and_advantages(batch, cfg)
+    stats = ppo.ppo_update(models, batch, advantages, returns, batch.query_mask.sum(1), cfg, runtime, torch.Generator().manual_seed(3), 0, tmp_path)
+    assert len(stats["ratio"]) == 2  # two minibatches of one micro-batch each
+    assert abs(float(stats["ratio"][0]) - 1) < 1e-6 and float(stats["approxkl"][0]) < 1e-10 and float(stats["clipfrac"][0]) == 0
+    assert float(stats["approxkl"][1]) > 1e-6  # the first step moved the policy: the check above can fail
+
+
+def test_ppo_losses_at_ratio_one_are_the_plain_surrogate(rollout):
     """The training forward (logits / temperature, micro-batches unlike the rollout's forward
     batches, shuffled) gives back the rollout's log-probs: every ratio of the first pass is 1,
     so `ppo_losses` sees no KL and clips nothing."""
