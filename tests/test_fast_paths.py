@@ -94,3 +94,27 @@ def test_rollout_with_static_decoding_is_the_eager_rollout(tiny_model_dir, token
     assert eager.has_eos.any()  # EOS mid-way: truncation, padding and the no-EOS score are exercised too
     for name in ("query_responses", "attention_mask", "responses", "has_eos", "logprobs", "ref_logprobs", "scores"):
         assert torch.equal(getattr(static, name), getattr(eager, name)), name
+
+
+@pytest.mark.slow
+def test_gpu_script_runs_every_code_path_on_cpu(tmp_path):
+    """bench/gpu_issue17.py cannot run here on a GPU; its --cpu-smoke keeps it from rotting."""
+    import json
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    out = tmp_path / "gpu_issue17.json"
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_issue17.py"), "--cpu-smoke", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["errors"] == {}, data["errors"]
+    results = data["results"]
+    for row in results["decode"].values():
+        assert row["static"]["same_tokens_as_eager"] == 1.0 and row["static"]["first_step_logits_gap"] < 1e-5
+    packed = results["packed"]
+    assert packed["sdpa_packed"]["hidden_gap"] < 1e-5 and packed["sdpa_packed"]["grad_gap_max"] < 1e-3
+    assert packed["flex_packed"]["hidden_gap"] < 1e-5 and "no backward on CPU" in packed["flex_packed"]["error"]
+    assert "runs on CUDA" in packed["varlen_packed"]["error"]
+    assert all(isinstance(v, dict) and v["ms"] > 0 for part in ("reward_sweep", "ppo_sweep") for v in results[part].values())
