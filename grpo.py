@@ -45,7 +45,8 @@ from tqdm import tqdm
 
 from dgx_spark_summary_from_human_feedback import cli, tiny
 from dgx_spark_summary_from_human_feedback.checkpoint import export_final, make_output_dir, push_run, resume_point, rng_state, save_checkpoint, set_rng_state, write_text_atomic
-from dgx_spark_summary_from_human_feedback.data import InputError, Lengths, load_tokenizer
+from dgx_spark_summary_from_human_feedback.data import Lengths, load_tokenizer
+from dgx_spark_summary_from_human_feedback.errors import InputError
 from dgx_spark_summary_from_human_feedback.generation import Decoding
 from dgx_spark_summary_from_human_feedback.models import check_checkpoint, disable_dropout, get_score, load_policy, load_reward_model, logprobs_from_logits, response_logits
 from dgx_spark_summary_from_human_feedback.preprocess import load_stage_data

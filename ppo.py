@@ -52,7 +52,7 @@ from dgx_spark_summary_from_human_feedback.checkpoint import (
     set_rng_state,
     write_text_atomic,
 )
-from dgx_spark_summary_from_human_feedback.data import Lengths, load_stage_data, load_tokenizer
+from dgx_spark_summary_from_human_feedback.data import Lengths, load_tokenizer
 from dgx_spark_summary_from_human_feedback.generation import Decoding
 from dgx_spark_summary_from_human_feedback.models import (
     check_checkpoint,
@@ -63,6 +63,7 @@ from dgx_spark_summary_from_human_feedback.models import (
     logprobs_from_logits,
     response_logits,
 )
+from dgx_spark_summary_from_human_feedback.preprocess import load_stage_data
 from dgx_spark_summary_from_human_feedback.rollout import (
     Rollout,
     ScoreFn,

@@ -41,8 +41,10 @@ from tqdm import tqdm
 
 from dgx_spark_summary_from_human_feedback import cli, tiny
 from dgx_spark_summary_from_human_feedback.checkpoint import export_final, latest_checkpoint, make_output_dir, push_run, resume_point, rng_state, save_checkpoint, set_rng_state
-from dgx_spark_summary_from_human_feedback.data import InputError, Lengths, load_stage_data, load_tokenizer
+from dgx_spark_summary_from_human_feedback.data import Lengths, load_tokenizer
+from dgx_spark_summary_from_human_feedback.errors import InputError
 from dgx_spark_summary_from_human_feedback.models import check_checkpoint, disable_dropout, get_pair_scores, get_score, load_reward_model
+from dgx_spark_summary_from_human_feedback.preprocess import load_stage_data
 from dgx_spark_summary_from_human_feedback.tracking import Logger, accuracy_by, config_table, markdown_table, plot_curves, read_metrics
 from dgx_spark_summary_from_human_feedback.training import (
     PAIR_COLUMNS, OptimizerKind, Precision, Strategy, all_reduce_sum, batch_indices, check_finite, clip_gradients, distribute, full_state_dicts, get_lr, load_optimizer_state,

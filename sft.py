@@ -31,10 +31,11 @@ from tqdm import tqdm
 
 from dgx_spark_summary_from_human_feedback import cli, tiny
 from dgx_spark_summary_from_human_feedback.checkpoint import export_final, latest_checkpoint, make_output_dir, push_run, resume_point, rng_state, save_checkpoint, set_rng_state
-from dgx_spark_summary_from_human_feedback.data import Lengths, load_stage_data, load_tokenizer
-from dgx_spark_summary_from_human_feedback.evaluate import rouge_scores
-from dgx_spark_summary_from_human_feedback.generation import query_tokens_of, summarize
+from dgx_spark_summary_from_human_feedback.data import Lengths, load_tokenizer
+from dgx_spark_summary_from_human_feedback.generation import Decoding, query_tokens_of, summarize
 from dgx_spark_summary_from_human_feedback.models import disable_dropout, lm_loss_sum, load_policy
+from dgx_spark_summary_from_human_feedback.preprocess import load_stage_data
+from dgx_spark_summary_from_human_feedback.rouge import rouge_scores
 from dgx_spark_summary_from_human_feedback.tracking import Logger, config_table, markdown_table, plot_curves, read_metrics
 from dgx_spark_summary_from_human_feedback.training import (
     OptimizerKind, Precision, Strategy, all_reduce_sum, batch_indices, check_finite, clip_gradients, distribute, full_state_dicts, get_lr, load_optimizer_state,

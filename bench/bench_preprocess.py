@@ -10,7 +10,7 @@ structure kept), with its title and summary perturbed the same way, so lengths, 
 counts and the share of queries over 512 tokens follow the real distribution while no two rows
 are identical (no cache in the tokenizer can help).
 
-Timed: `process_sft_dataset.main` (the CLI a user runs: load the JSONL, `data.process_sft` with
+Timed: `process_sft_dataset.main` (the CLI a user runs: load the JSONL, `preprocess.process_sft` with
 query 512, response 63, long responses truncated, length statistics, `save_to_disk`), phase by
 phase. Tokenizers (the Qwen2.5 tokenizer cannot be loaded offline):
 - sample: bench/common.py's 8,192-token BPE, whose token counts on the real sample match

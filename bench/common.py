@@ -16,7 +16,7 @@ Tokenizer (`--tokenizer`):
   and 70% of the responses are cut to 63: NOT the real length distribution.
 
 Data: ../shared/data/tldr_real_sample/{sft,comparisons}.jsonl (1,000 real posts / pairs) run
-through our own pipeline (`data.process_sft`, `data.process_comparisons`, long responses
+through our own pipeline (`preprocess.process_sft`, `preprocess.process_comparisons`, long responses
 truncated), falling back to the bundled fixtures when the sample is missing.
 
 Timing: every script interleaves the contenders (ours, TRL, ours, TRL, ...) on the same rows in
@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))  # sft.py, reward.py, ppo.py live at the repositor
 
 import torch  # noqa: E402
 
-from dgx_spark_summary_from_human_feedback import data, tiny  # noqa: E402
+from dgx_spark_summary_from_human_feedback import data, preprocess, tiny  # noqa: E402
 
 SAMPLE = ROOT.parent / "shared" / "data" / "tldr_real_sample"
 CACHE = BENCH / ".cache"
@@ -77,7 +77,7 @@ def build_sample_tokenizer(output_dir: Path, vocab_size: int = SAMPLE_VOCAB) -> 
     from transformers import PreTrainedTokenizerFast
 
     sft, comparisons = _sample_rows()
-    corpus = [data.QUERY_FORMAT.format(**data.sft_query_fields(r)) + " " + r["summary"] for r in sft]
+    corpus = [data.QUERY_FORMAT.format(**preprocess.sft_query_fields(r)) + " " + r["summary"] for r in sft]
     corpus += [s["text"] for c in comparisons for s in c["summaries"]]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -154,7 +154,7 @@ def sft_data(tokenizer):
     else:
         raw = data.load_raw(str(tiny.SFT_DIR))
         raw = type(raw)({"train": raw["train"]})
-    return data.process_sft(raw, tokenizer, data.Lengths(512, 63), long_response="truncate")["train"]
+    return preprocess.process_sft(raw, tokenizer, data.Lengths(512, 63), long_response="truncate")["train"]
 
 
 def comparison_data(tokenizer):
@@ -163,7 +163,7 @@ def comparison_data(tokenizer):
 
     path = SAMPLE / "comparisons.jsonl" if sample_available() else tiny.COMPARISONS_FILE
     raw = data.load_raw(str(path), split="train")
-    ds = data.process_comparisons(raw, tokenizer, data.Lengths(512, 133), long_response="truncate")
+    ds = preprocess.process_comparisons(raw, tokenizer, data.Lengths(512, 133), long_response="truncate")
     parts = [ds[s] for s in ("train", "validation") if s in ds]  # CNN/DM articles (fixtures only) left out
     return datasets.concatenate_datasets(parts)
 

@@ -120,7 +120,7 @@ def profile_ppo(args) -> None:
 def profile_preprocess(args) -> None:
     import bench_preprocess
 
-    from dgx_spark_summary_from_human_feedback import data
+    from dgx_spark_summary_from_human_feedback import data, preprocess
 
     with tempfile.TemporaryDirectory() as tmp:
         jsonl = Path(tmp) / "train.jsonl"
@@ -130,7 +130,7 @@ def profile_preprocess(args) -> None:
         prof = cProfile.Profile()
         t = time.perf_counter()
         prof.enable()
-        data.process_sft(raw, tokenizer, data.Lengths(512, 63), long_response="truncate")
+        preprocess.process_sft(raw, tokenizer, data.Lengths(512, 63), long_response="truncate")
         prof.disable()
         print(f"process_sft of {args.rows} rows ({args.tokenizer} tokenizer): {time.perf_counter() - t:.2f}s")
     show(prof, args.limit)

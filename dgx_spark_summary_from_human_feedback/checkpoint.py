@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .data import InputError
+from .errors import InputError
 
 STATE_FILE = "training_state.pt"
 CONFIG_FILE = "run_config.json"

@@ -9,7 +9,7 @@ import datasets
 import transformers
 import tyro
 
-from .data import InputError
+from .errors import InputError
 
 C = TypeVar("C")
 

@@ -21,8 +21,10 @@ import torch
 
 from . import cli
 from .checkpoint import make_output_dir
-from .data import InputError, is_processed, left_pad, load_processed, load_raw, load_tokenizer, sft_query_fields, truncate_query
+from .data import is_processed, left_pad, load_processed, load_raw, load_tokenizer, truncate_query
+from .errors import InputError
 from .models import load_policy, position_ids
+from .preprocess import sft_query_fields
 from .training import frozen_dtype, setup_runtime
 from .tracking import markdown_table
 

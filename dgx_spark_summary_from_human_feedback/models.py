@@ -24,7 +24,7 @@ from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, A
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .data import InputError
+from .errors import InputError
 
 
 def check_checkpoint(path: str, want: str) -> None:

@@ -10,12 +10,12 @@ out of distribution) by their `split` and `batch` fields, as in the N+ preproces
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 from . import cli
-from .checkpoint import make_output_dir
-from .data import COMPARISON_COLUMN_DOCS, Lengths, Report, load_raw, load_tokenizer, process_comparisons, save_processed
+from .data import Lengths
+from .preprocess import build
 
 
 @dataclass
@@ -47,23 +47,8 @@ class Config:
 
 
 def main(cfg: Config) -> None:
-    make_output_dir(cfg.output_dir)  # before the processing, which can take minutes
-    tokenizer = load_tokenizer(cfg.tokenizer)
-    raw = load_raw(cfg.dataset, cfg.config_name, split=cfg.split, revision=cfg.revision)
     lengths = Lengths(query=cfg.query_length, response=cfg.response_length, cnndm_query=cfg.cnndm_query_length)
-    report = Report()
-    ds = process_comparisons(raw, tokenizer, lengths, long_response=cfg.long_response, skip_bad_rows=cfg.skip_bad_rows, report=report)
-    params = {**asdict(cfg), "pad_token": tokenizer.pad_token, "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
-    save_processed(
-        ds,
-        cfg.output_dir,
-        title="TL;DR preference dataset",
-        column_docs=COMPARISON_COLUMN_DOCS,
-        length_columns=["query_token_len", "chosen_token_len", "rejected_token_len", "query_chosen_token_len", "query_rejected_token_len"],
-        params=params,
-        report=report,
-        push_to_hub=cfg.push_to_hub,
-    )
+    build(cfg, "comparisons", lengths, cfg.config_name)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 from . import cli
-from .checkpoint import make_output_dir
-from .data import SFT_COLUMN_DOCS, Lengths, Report, load_raw, load_tokenizer, process_sft, save_processed
+from .data import Lengths
+from .preprocess import build
 
 
 @dataclass
@@ -40,23 +40,7 @@ class Config:
 
 
 def main(cfg: Config) -> None:
-    make_output_dir(cfg.output_dir)  # before the processing, which can take minutes
-    tokenizer = load_tokenizer(cfg.tokenizer)
-    raw = load_raw(cfg.dataset, split=cfg.split, revision=cfg.revision)
-    lengths = Lengths(query=cfg.query_length, response=cfg.response_length)
-    report = Report()
-    ds = process_sft(raw, tokenizer, lengths, long_response=cfg.long_response, skip_bad_rows=cfg.skip_bad_rows, report=report)
-    params = {**asdict(cfg), "pad_token": tokenizer.pad_token, "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
-    save_processed(
-        ds,
-        cfg.output_dir,
-        title="TL;DR SFT dataset",
-        column_docs=SFT_COLUMN_DOCS,
-        length_columns=["query_token_len", "reference_response_token_len", "query_reference_response_token_len"],
-        params=params,
-        report=report,
-        push_to_hub=cfg.push_to_hub,
-    )
+    build(cfg, "sft", Lengths(query=cfg.query_length, response=cfg.response_length))
 
 
 if __name__ == "__main__":

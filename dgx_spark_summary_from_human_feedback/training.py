@@ -15,7 +15,7 @@ from typing import Iterator, Literal
 import torch
 import torch.distributed as dist
 
-from .data import InputError
+from .errors import InputError
 
 Precision = Literal["auto", "bf16-autocast", "fp32", "bf16"]
 OptimizerKind = Literal["auto", "adamw8bit", "adamw-fused", "adamw"]

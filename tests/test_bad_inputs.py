@@ -25,7 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dgx_spark_summary_from_human_feedback import tiny
-from dgx_spark_summary_from_human_feedback.data import Lengths, Report, encode, process_sft
+from dgx_spark_summary_from_human_feedback.data import Lengths, encode
+from dgx_spark_summary_from_human_feedback.preprocess import Report, process_sft
 
 from .conftest import REPO
 

@@ -11,16 +11,9 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from dgx_spark_summary_from_human_feedback import tiny
-from dgx_spark_summary_from_human_feedback.data import (
-    QUERY_FORMAT,
-    InputError,
-    Report,
-    encode,
-    load_raw,
-    process_comparisons,
-    process_sft,
-    truncate_query,
-)
+from dgx_spark_summary_from_human_feedback.data import QUERY_FORMAT, encode, load_raw, truncate_query
+from dgx_spark_summary_from_human_feedback.errors import InputError
+from dgx_spark_summary_from_human_feedback.preprocess import Report, process_comparisons, process_sft
 
 from .conftest import REAL_SAMPLE, needs_real_sample
 
@@ -211,7 +204,7 @@ def test_long_summary_is_dropped_and_counted_or_cut_keeping_eos(tokenizer):
 def test_bad_sft_rows_name_row_and_field_or_are_skipped(tokenizer, bad, field):
     rows = [row(id="good"), {**row(id="bad-7"), **bad}]
     if bad.get("title") == 5:  # Arrow cannot hold int and str in one column: test the row check directly
-        from dgx_spark_summary_from_human_feedback.data import sft_query_fields
+        from dgx_spark_summary_from_human_feedback.preprocess import sft_query_fields
 
         with pytest.raises(InputError, match="row bad-7: field 'title' is int"):
             sft_query_fields(rows[1])
@@ -224,7 +217,7 @@ def test_bad_sft_rows_name_row_and_field_or_are_skipped(tokenizer, bad, field):
 
 
 def test_unpaired_surrogate_is_a_row_error_not_a_tokenizer_traceback():
-    from dgx_spark_summary_from_human_feedback.data import sft_query_fields
+    from dgx_spark_summary_from_human_feedback.preprocess import sft_query_fields
 
     with pytest.raises(InputError, match="row r0: field 'post' holds an unpaired surrogate"):
         sft_query_fields(row(post="bad \ud800 text"))

@@ -2,7 +2,7 @@
 
 import pytest
 
-from dgx_spark_summary_from_human_feedback.evaluate import lcs_length, rouge_l, rouge_n, rouge_scores, rouge_tokens
+from dgx_spark_summary_from_human_feedback.rouge import lcs_length, rouge_l, rouge_n, rouge_scores, rouge_tokens
 
 # ---- ROUGE
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from dgx_spark_summary_from_human_feedback.evaluate import Judge, JudgeError, parse_verdict, wilson_interval, win_rate
+from dgx_spark_summary_from_human_feedback.judge import Judge, JudgeError, parse_verdict, wilson_interval, win_rate
 
 from .fake_judge import FakeJudge, summaries_of
 

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from dgx_spark_summary_from_human_feedback import tiny
-from dgx_spark_summary_from_human_feedback.data import load_raw, process_sft
+from dgx_spark_summary_from_human_feedback.data import load_raw
 from dgx_spark_summary_from_human_feedback.models import PACKED_SDPA, hidden_states, lm_loss_sum, load_policy
+from dgx_spark_summary_from_human_feedback.preprocess import process_sft
 from dgx_spark_summary_from_human_feedback.training import make_optimizer, micro_batches
 
 from .conftest import REPO

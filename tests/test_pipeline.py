@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from dgx_spark_summary_from_human_feedback import tiny
-from dgx_spark_summary_from_human_feedback.evaluate import JUDGE_PROMPT
+from dgx_spark_summary_from_human_feedback.judge import JUDGE_PROMPT
 
 from .conftest import REAL_SAMPLE, REPO, needs_real_sample
 from .fake_judge import FakeJudge, prefer

@@ -11,12 +11,9 @@ import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from dgx_spark_summary_from_human_feedback import tiny
-from dgx_spark_summary_from_human_feedback.data import (
-    Lengths,
-    load_stage_data,
-    load_tokenizer,
-)
+from dgx_spark_summary_from_human_feedback.data import Lengths, load_tokenizer
 from dgx_spark_summary_from_human_feedback.models import get_pair_scores, get_score, load_reward_model
+from dgx_spark_summary_from_human_feedback.preprocess import load_stage_data
 from dgx_spark_summary_from_human_feedback.tracking import read_metrics
 from dgx_spark_summary_from_human_feedback.training import setup_runtime
 

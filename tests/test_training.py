@@ -18,7 +18,7 @@ from dgx_spark_summary_from_human_feedback.checkpoint import (
     resume_point,
     save_checkpoint,
 )
-from dgx_spark_summary_from_human_feedback.data import InputError
+from dgx_spark_summary_from_human_feedback.errors import InputError
 from dgx_spark_summary_from_human_feedback.tracking import Logger, read_metrics
 from dgx_spark_summary_from_human_feedback.training import batch_indices, get_lr, make_optimizer, micro_batch_layout, micro_batches, setup_runtime
 
