@@ -10,6 +10,7 @@ Two rules hold everywhere:
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import math
 from pathlib import Path
@@ -125,7 +126,19 @@ def varlen_packed(module, query, key, value, attention_mask, dropout: float = 0.
     from torch.nn.attention.varlen import varlen_attn
 
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (N, heads, D)
-    out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scaling, window_size=(-1, 0), enable_gqa=True)  # (-1, 0): causal
+    # torch 2.10 spells causal `is_causal`, later ones `window_size=(-1, 0)`; GQA and `scale`
+    # came later too (the lent GPU's image has an older torch than ours)
+    accepts = inspect.signature(varlen_attn).parameters
+    kwargs = {"window_size": (-1, 0)} if "window_size" in accepts else {"is_causal": True}
+    if "enable_gqa" in accepts:
+        kwargs["enable_gqa"] = True
+    elif k.shape[1] != q.shape[1]:  # query head h reads KV head h // groups, as transformers' repeat_kv
+        k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
+    if "scale" in accepts:
+        kwargs["scale"] = scaling
+    elif scaling is not None and not math.isclose(scaling, q.shape[-1] ** -0.5):
+        raise InputError(f"this torch's varlen_attn has no scale argument and the model scales by {scaling}: use {PACKED_SDPA} or a newer torch")
+    out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
     return out[None], None  # (1, N, heads, D)
 
 
