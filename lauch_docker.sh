@@ -83,8 +83,9 @@ fi
 
 if ((host_net)); then
     # Two Sparks talk NCCL over the ConnectX-7 (RoCE): the container needs the host's interfaces and
-    # the RDMA verbs devices. NCCL settings are forwarded by name if the caller set them.
-    run_args+=(--network host -e NCCL_SOCKET_IFNAME -e NCCL_IB_HCA -e NCCL_DEBUG)
+    # the RDMA verbs devices. NCCL settings, and gloo's interface (CPU collectives, e.g. the
+    # --device cpu runs), are forwarded by name if the caller set them.
+    run_args+=(--network host -e NCCL_SOCKET_IFNAME -e NCCL_IB_HCA -e NCCL_DEBUG -e GLOO_SOCKET_IFNAME)
     if [[ -d /dev/infiniband ]]; then
         run_args+=(--device /dev/infiniband)
     fi

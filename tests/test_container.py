@@ -222,6 +222,46 @@ def test_no_flash_attn_xformers_or_source_builds(instructions):
     assert "git clone" not in body
 
 
+def dockerignored(path: str, patterns: list[str]) -> bool:
+    """Whether docker leaves `path` out of the build context: the last pattern matching the path
+    or one of its parent folders wins (`!` re-includes); `*` stays within a path segment, `**`
+    spans segments, a leading `/` is the context root (Go's filepath.Match, as docker uses it)."""
+    excluded = False
+    parts = path.split("/")
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        body = pattern.lstrip("!").strip("/")
+        regex = re.escape(body).replace(r"\*\*/", "\0").replace(r"\*\*", "\1").replace(r"\*", "[^/]*").replace(r"\?", "[^/]")
+        regex = regex.replace("\0", "(.*/)?").replace("\1", ".*")  # `**/` also matches no folder at all
+        if any(re.fullmatch(regex, "/".join(parts[:n])) for n in range(1, len(parts) + 1)):
+            excluded = not negate
+    return excluded
+
+
+def test_dockerignore_matcher():
+    patterns = ["out/", "bench/.venv-*", "**/__pycache__", "*.egg-info"]
+    assert dockerignored("out/sft/model.safetensors", patterns) and dockerignored("bench/.venv-trl/lib/x.py", patterns)
+    assert dockerignored("tests/__pycache__/a.pyc", patterns) and dockerignored("x.egg-info/PKG-INFO", patterns)
+    assert not dockerignored("bench/bench_sft.py", patterns) and not dockerignored("tests/out.py", patterns)
+    assert not dockerignored("a/x.egg-info/PKG-INFO", patterns)  # no `**/`: the context root only
+    assert dockerignored("__pycache__/a.pyc", patterns)  # `**/` matches no folder too
+
+
+def test_dockerignore_excludes_every_local_build_folder():
+    """`COPY . .` must not carry bench/setup.sh's virtual envs (GBs), caches, outputs or anything
+    else .gitignore keeps out of the repository."""
+    patterns = [line.strip() for line in DOCKERIGNORE.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    local = [".venv/bin/python", "bench/.venv-trl/lib/torch.so", "bench/.venv-trl112/bin/python", "bench/.cache/hub/x", "out/sft/model.safetensors",
+             "wandb/run-1/files", "build/lib/x.py", "data/train.jsonl", ".pytest_cache/v", "tests/__pycache__/a.pyc", ".git/HEAD", ".env"]  # fmt: skip
+    for line in (REPO / ".gitignore").read_text().splitlines():
+        if line.strip() and not line.startswith(("#", "!")):
+            local.append(line.strip().strip("/").replace("**/", "").replace("*", "x") + "/f")  # a file in or under it
+    missing = [p for p in local if not dockerignored(p, patterns)]
+    assert not missing, f"add to .dockerignore: {missing}"
+    for kept in ("pyproject.toml", "dgx_spark_summary_from_human_feedback/models.py", "sft.py", "bench/bench_sft.py", "README.md", "lauch_docker.sh"):
+        assert not dockerignored(kept, patterns), kept
+
+
 def test_dockerignore_excludes_local_state():
     entries = {line.strip().rstrip("/") for line in DOCKERIGNORE.read_text().splitlines() if line.strip() and not line.startswith("#")}
     for required in (".venv", ".git", "out", "data", "wandb", ".pytest_cache", ".hypothesis"):
@@ -396,6 +436,9 @@ def test_host_net_flag(launch):
     assert not has_pair(plain[0]["argv"], "--network", "host")
     # Still the same GPU / memory settings.
     assert has_pair(argv, "--gpus", "all") and "--ipc=host" in argv
+    # the interface settings of both backends (NCCL on GPUs, gloo for CPU collectives) by name
+    for name in ("NCCL_SOCKET_IFNAME", "NCCL_IB_HCA", "GLOO_SOCKET_IFNAME"):
+        assert has_pair(argv, "-e", name), name
 
 
 def test_build_flag_builds_then_runs_custom_image(launch):
