@@ -116,11 +116,20 @@ def sdpa_packed_mask(**kwargs):
     return None if kwargs.get("attention_mask") is None else sdpa_mask(**kwargs)
 
 
+def one_dtype(query, key, value) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v in one dtype: under autocast the rotary embedding leaves q and k in fp32 and v in
+    bf16 (SDPA is on autocast's cast list; varlen_attn and flex_attention are not)."""
+    device = query.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
+    return query.to(dtype), key.to(dtype), value.to(dtype)
+
+
 def varlen_packed(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, cu_seqlens=None, max_seqlen=None, **kwargs):
     """`sdpa_packed` with the rows in one FlashAttention varlen call: `cu_seqlens` (rows + 1,) int32
     offsets of the rows in the packed row and `max_seqlen` the longest, from `hidden_states`."""
     if cu_seqlens is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+    query, key, value = one_dtype(query, key, value)
     if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16):
         raise InputError(f"{PACKED_VARLEN} attention runs on CUDA in bf16/fp16 only (got {query.device.type}, {query.dtype}): use bf16 autocast on a GPU, or {PACKED_SDPA}")
     from torch.nn.attention.varlen import varlen_attn
@@ -156,6 +165,7 @@ def flex_packed(module, query, key, value, attention_mask, dropout: float = 0.0,
     if not query.is_cuda and query.requires_grad:
         raise InputError(f"{PACKED_FLEX} attention has no backward on CPU (torch's flex_attention): train on CPU with {PACKED_SDPA}")
     attend = compiled_flex_attention() if query.is_cuda else flex_attention
+    query, key, value = one_dtype(query, key, value)
     out = attend(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=True)
     return out.transpose(1, 2), None
 

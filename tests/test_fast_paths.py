@@ -118,3 +118,14 @@ def test_gpu_script_runs_every_code_path_on_cpu(tmp_path):
     assert packed["flex_packed"]["hidden_gap"] < 1e-5 and "no backward on CPU" in packed["flex_packed"]["error"]
     assert "runs on CUDA" in packed["varlen_packed"]["error"]
     assert all(isinstance(v, dict) and v["ms"] > 0 for part in ("reward_sweep", "ppo_sweep") for v in results[part].values())
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_packed_under_bf16_autocast(flex_model, tokenizer):
+    """As the stages run on a GPU: under autocast q and k reach the attention in fp32, v in bf16."""
+    ids, mask = padded_rows(tokenizer)
+    keep = mask.bool()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        packed, padded = hidden_states(flex_model, ids, mask), hidden_states(flex_model, ids, mask, pack=False)
+    assert packed.dtype == padded.dtype
+    torch.testing.assert_close(packed[keep].float(), padded[keep].float(), rtol=0.02, atol=0.02 * float(padded.abs().max()))
