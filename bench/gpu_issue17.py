@@ -394,6 +394,25 @@ def part_ppo_sweep(run: Run, result: dict) -> None:
     del policy, value_model
 
 
+def summary(results: dict) -> dict:
+    """The numbers the issue asks for, in one place: ms per decoding step per mode and batch,
+    each packed kernel's gaps and tokens/s, the fastest reward and PPO micro-batch."""
+    out = {}
+    for batch, row in results.get("decode", {}).items():
+        if isinstance(row, dict):
+            out[f"decode_{batch}_ms_per_step"] = {m: row[m]["ms_per_step"] for m in ("eager", "static", "cuda_graph") if m in row}
+            out[f"decode_{batch}_same_tokens"] = {m: row[m].get("same_tokens_as_eager") for m in ("static", "cuda_graph") if m in row}
+    for kernel, row in results.get("packed", {}).items():
+        if kernel != "rows" and isinstance(row, dict):
+            out[f"packed_{kernel}"] = {k: row[k] for k in ("hidden_gap", "grad_gap_max", "fwd_bwd_tokens_per_s", "error") if k in row}
+    for part, unit in (("reward_sweep", "row_tokens_per_s"), ("ppo_sweep", "episodes_per_s")):
+        rows = {k: v for k, v in results.get(part, {}).items() if isinstance(v, dict)}
+        if rows:
+            best = max(rows, key=lambda k: rows[k][unit])
+            out[f"{part}_best"] = {"at": best, unit: rows[best][unit], "peak_gb": rows[best]["peak_gb"]}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", str(BENCH)), "gpu_issue17.json"), help="JSON written after every part")
@@ -412,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
         run.part(name, lambda result, fn=parts[name]: fn(run, result))
         if run.cuda:
             torch.cuda.empty_cache()
+    run.data["summary"] = summary(run.data["results"])
+    run.save()
+    print(json.dumps(run.data["summary"], indent=1))
     print(f"gpu_issue17.py: wrote {run.out} after {run.elapsed():.0f} s; errors: {list(run.data['errors']) or 'none'}")
     return 0
 
