@@ -94,6 +94,9 @@ def test_rollout_with_static_decoding_is_the_eager_rollout(tiny_model_dir, token
     assert eager.has_eos.any()  # EOS mid-way: truncation, padding and the no-EOS score are exercised too
     for name in ("query_responses", "attention_mask", "responses", "has_eos", "logprobs", "ref_logprobs", "scores"):
         assert torch.equal(getattr(static, name), getattr(eager, name)), name
+    with pytest.raises(InputError, match="cuda_graph needs a CUDA device"):  # the option does reach generate
+        rollout(policy, ref_policy, score_fn, ids, mask, tokenizer, response_length=4, temperature=0.7, no_eos_score=-1.0,
+                generation_batch_size=3, forward_batch_size=2, decoding="cuda_graph")  # fmt: skip
 
 
 @pytest.mark.slow

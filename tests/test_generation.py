@@ -255,10 +255,12 @@ def test_cuda_graph_decoding_off_cuda_is_a_one_line_error(model, tokenizer):
 
 def test_cli_decoding_static_writes_the_same_samples(eos_prone_dir, tmp_path):
     """The option reaches the CLI's sampling (and `summarize`, which SFT and evaluate.py share)."""
-    from dgx_spark_summary_from_human_feedback.generation import Config, main
+    from dgx_spark_summary_from_human_feedback.generation import Config, InputError, main
 
     records = {}
     for decoding in ("eager", "static"):
         records[decoding] = main(Config(checkpoint=str(eos_prone_dir), dataset=str(tiny.SFT_DIR), num_samples=6, batch_size=4, device="cpu", decoding=decoding))
     assert records["static"] == records["eager"]
+    with pytest.raises(InputError, match="cuda_graph needs a CUDA device"):  # the option does reach generate
+        main(Config(checkpoint=str(eos_prone_dir), dataset=str(tiny.SFT_DIR), num_samples=2, device="cpu", decoding="cuda_graph"))
     assert any(r["has_eos"] for r in records["eager"]) and any(len(r["response_token"]) > 1 for r in records["eager"])
