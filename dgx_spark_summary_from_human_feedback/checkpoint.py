@@ -135,14 +135,6 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def best_checkpoint(out_dir: str | Path) -> Path | None:
-    best_file = Path(out_dir) / "checkpoints" / "best.json"
-    if not best_file.exists():
-        return None
-    path = Path(out_dir) / "checkpoints" / f"step_{json.loads(best_file.read_text())['step']:06d}"
-    return path if path.exists() else None
-
-
 def load_state(step_dir: Path) -> dict:
     try:
         return torch.load(step_dir / STATE_FILE, weights_only=True, map_location="cpu")
@@ -150,8 +142,15 @@ def load_state(step_dir: Path) -> dict:
         raise InputError(f"{step_dir / STATE_FILE} cannot be read ({type(e).__name__}): delete that checkpoint directory to resume from an earlier one") from None
 
 
-# Config fields that may change on resume without breaking equivalence with an uninterrupted run.
-RESUME_SAFE_FIELDS = {"resume", "allow_config_change", "output_dir", "wandb_project", "wandb_run_name", "log_interval", "eval_interval", "save_interval", "num_eval_samples", "max_steps", "device", "decoding"}  # decoding: how sampling steps run, not what they compute (generation.Decoding)
+# Stage Config fields that may change on resume without breaking equivalence with an
+# uninterrupted run. tests/test_training.py checks that each is a field of some stage's Config
+# (a renamed field must not leave a stale name here) and that every `*_interval` is listed.
+RESUME_SAFE_FIELDS = {
+    "resume", "allow_config_change", "max_steps",  # how this invocation runs and where it stops
+    "output_dir", "wandb_project", "push_to_hub",  # where the results go
+    "eval_interval", "save_interval", "sample_interval", "num_eval_samples",  # what is reported, how often
+    "device", "decoding",  # where and how steps run, not what they compute (generation.Decoding)
+}  # fmt: skip
 
 
 def check_resume_config(saved: dict, current: dict, allow: bool) -> None:
@@ -166,6 +165,11 @@ def resume_point(out_dir: str | Path, config: dict, allow_config_change: bool) -
     step_dir = latest_checkpoint(out_dir)
     if step_dir is None:
         return None
+    if not (step_dir / CONFIG_FILE).exists():
+        raise InputError(
+            f"{step_dir} has no {CONFIG_FILE}, so its run's settings cannot be checked: "
+            "delete that directory to resume from the checkpoint before it, or start without --resume"
+        )
     saved = json.loads((step_dir / CONFIG_FILE).read_text())
     current = json.loads(json.dumps(config, default=str))  # compare as saved: tuples become lists
     check_resume_config(saved, current, allow_config_change)

@@ -1,5 +1,6 @@
 """Shared training pieces: lr schedule, optimizer groups, batching, checkpoints, the logger."""
 
+import dataclasses
 import json
 import math
 
@@ -11,7 +12,6 @@ from dgx_spark_summary_from_human_feedback import tiny
 from dgx_spark_summary_from_human_feedback.checkpoint import (
     RESUME_SAFE_FIELDS,
     STATE_FILE,
-    best_checkpoint,
     check_resume_config,
     latest_checkpoint,
     load_state,
@@ -21,6 +21,9 @@ from dgx_spark_summary_from_human_feedback.checkpoint import (
 from dgx_spark_summary_from_human_feedback.errors import InputError
 from dgx_spark_summary_from_human_feedback.tracking import Logger, read_metrics
 from dgx_spark_summary_from_human_feedback.training import batch_indices, get_lr, make_optimizer, micro_batch_layout, micro_batches, setup_runtime
+
+from .conftest import REPO
+from .stage_fixtures import load_script
 
 SCHEDULE = dict(lr=1e-3, min_lr=1e-4, warmup_steps=10, decay_steps=110)
 
@@ -179,10 +182,10 @@ def test_keeps_only_the_last_and_the_best_checkpoint(tmp_path, tiny_model, token
     save(tmp_path, 30, tiny_model, tokenizer, metric=1.5)
     assert step_names(tmp_path) == ["step_000020", "step_000030"]
     assert json.loads((tmp_path / "checkpoints" / "best.json").read_text()) == {"step": 20, "metric": 1.0}
-    assert latest_checkpoint(tmp_path).name == "step_000030" and best_checkpoint(tmp_path).name == "step_000020"
+    assert latest_checkpoint(tmp_path).name == "step_000030"
     save(tmp_path, 40, tiny_model, tokenizer, metric=0.5)  # new best is also the last
     assert step_names(tmp_path) == ["step_000040"]
-    assert best_checkpoint(tmp_path).name == "step_000040"
+    assert json.loads((tmp_path / "checkpoints" / "best.json").read_text()) == {"step": 40, "metric": 0.5}
     step_dir = latest_checkpoint(tmp_path)
     assert load_state(step_dir) == {"note": "state 40", "step": 40}
     reloaded = AutoModelForCausalLM.from_pretrained(str(step_dir))
@@ -210,7 +213,7 @@ def test_leftover_tmp_dir_of_a_killed_save_is_ignored_then_cleaned(tmp_path, tin
 
 
 def test_no_checkpoint_yet():
-    assert latest_checkpoint("/nonexistent/out") is None and best_checkpoint("/nonexistent/out") is None
+    assert latest_checkpoint("/nonexistent/out") is None
 
 
 def test_resume_config_check_names_the_changed_field():
@@ -230,6 +233,17 @@ def test_resume_safe_fields_may_change():
     check_resume_config(saved, {"lr": 3e-6, **{k: "changed" for k in RESUME_SAFE_FIELDS}}, allow=False)
     assert {"resume", "output_dir", "max_steps", "eval_interval"} <= RESUME_SAFE_FIELDS
     assert not {"lr", "seed", "batch_size", "micro_batch_size"} & RESUME_SAFE_FIELDS
+
+
+def test_resume_safe_fields_are_stage_config_fields():
+    """A stale name (wandb_run_name, log_interval: no Config had them) exempts nothing and hides
+    the field it was meant to be; a cadence left out (sample_interval) refuses a harmless resume."""
+    stages = sorted(p.stem for p in REPO.glob("*.py"))  # sft, reward, ppo, dpo, grpo: every stage script
+    fields = {f.name for stage in stages for f in dataclasses.fields(load_script(stage).Config)}
+    assert {"sft", "reward", "ppo"} <= set(stages)
+    assert RESUME_SAFE_FIELDS <= fields, f"not a field of any stage Config: {sorted(RESUME_SAFE_FIELDS - fields)}"
+    intervals = {f for f in fields if f.endswith("_interval")}
+    assert intervals <= RESUME_SAFE_FIELDS, f"cadences missing from RESUME_SAFE_FIELDS: {sorted(intervals - RESUME_SAFE_FIELDS)}"
 
 
 def test_resume_point_accepts_the_config_it_saved(tmp_path, tiny_model, tokenizer):
