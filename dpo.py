@@ -264,6 +264,7 @@ def main(cfg: Config) -> dict:
     out = make_output_dir(cfg.output_dir)
     config = dataclasses.asdict(cfg)
     check_checkpoint(cfg.sft_path, "policy")  # fail on a wrong checkpoint before minutes of data processing
+    grad_accum_steps = micro_batch_layout(cfg.batch_size, cfg.micro_batch_size, runtime.world_size)  # and on sizes that do not divide
     tokenizer = load_tokenizer(cfg.sft_path)
 
     # ---- data: the reward model's comparisons
@@ -275,7 +276,6 @@ def main(cfg: Config) -> dict:
     }  # fmt: skip
     val_rows = eval_sets["validation"].select(range(min(cfg.num_eval_rows, len(eval_sets["validation"]))))
     pair_lengths = [q + max(c, r) for q, c, r in zip(ds["train"]["query_token_len"], ds["train"]["chosen_token_len"], ds["train"]["rejected_token_len"])]
-    grad_accum_steps = micro_batch_layout(cfg.batch_size, cfg.micro_batch_size, runtime.world_size)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch(len(train), cfg.batch_size)
     warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
     print(f"train {len(train)} comparisons, {total_steps} steps of {cfg.batch_size} = {cfg.micro_batch_size} x {grad_accum_steps} x {runtime.world_size} processes")

@@ -416,6 +416,56 @@ def _(t):
             "--output-dir", t.tmp / "out"], ["--batch-size 10 is not divisible by --micro-batch-size 4"]  # fmt: skip
 
 
+@case("dpo/reward-model-as-sft-path")
+def _(t):
+    return ["dpo.py", "--preset", "smoke", "--sft-path", t.reward_checkpoint, "--output-dir", t.tmp / "out"], [
+        f"{t.reward_checkpoint} is a reward model",
+        "pass sft.py's or ppo.py's output directory",
+    ]
+
+
+@case("dpo/batch-not-divisible")
+def _(t):
+    return ["dpo.py", "--preset", "smoke", "--sft-path", t.sft_out, "--batch-size", "10", "--micro-batch-size", "4", "--output-dir", t.tmp / "out"], [
+        "--batch-size 10 is not divisible by --micro-batch-size 4"
+    ]
+
+
+@case("grpo/reward-model-as-sft-path")
+def _(t):
+    return ["grpo.py", "--preset", "smoke", "--sft-path", t.reward_checkpoint, "--reward-path", t.reward_checkpoint, "--output-dir", t.tmp / "out"], [
+        f"{t.reward_checkpoint} is a reward model",
+        "pass sft.py's or ppo.py's output directory",
+    ]
+
+
+@case("grpo/policy-as-reward-path")
+def _(t):
+    return ["grpo.py", "--preset", "smoke", "--sft-path", t.sft_out, "--reward-path", t.sft_out, "--output-dir", t.tmp / "out"], [
+        f"{t.sft_out} holds ['Qwen2ForCausalLM'], not a reward model",
+        "pass reward.py's output directory",
+    ]
+
+
+@case("grpo/group-size-1")
+def _(t):
+    return ["grpo.py", "--preset", "smoke", "--sft-path", t.sft_out, "--reward-path", t.reward_checkpoint, "--group-size", "1", "--output-dir", t.tmp / "out"], [
+        "--group-size 1: GRPO and RLOO need at least 2 responses per query"
+    ]
+
+
+@case("grpo/batch-not-divisible-by-group-size")
+def _(t):
+    return ["grpo.py", "--preset", "smoke", "--sft-path", t.sft_out, "--reward-path", t.reward_checkpoint, "--batch-size", "18", "--group-size", "4",
+            "--output-dir", t.tmp / "out"], ["--batch-size 18 is not divisible by --group-size 4", "the batch holds whole groups"]  # fmt: skip
+
+
+@case("grpo/batch-not-divisible")
+def _(t):
+    return ["grpo.py", "--preset", "smoke", "--sft-path", t.sft_out, "--reward-path", t.reward_checkpoint, "--batch-size", "12", "--group-size", "4",
+            "--micro-batch-size", "8", "--output-dir", t.tmp / "out"], ["--batch-size 12 is not divisible by --micro-batch-size 8"]  # fmt: skip
+
+
 def generation_args(checkpoint, *extra) -> list:
     return [*module("generation"), "--checkpoint", checkpoint, "--num-samples", "2", "--max-new-tokens", "4", *extra]
 
