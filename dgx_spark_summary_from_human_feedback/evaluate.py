@@ -4,6 +4,7 @@
         --reward-path out/reward --num-samples 512 --output-dir out/eval
     ... --judge-url http://127.0.0.1:8000/v1 --judge-model NAME      # + an LLM judge (key: env)
     ... --head-to-head                                                 # policy 1 vs policy 2
+    ... --head-to-head-against out/ppo                                 # every other policy vs PPO's
 
 Per policy: ROUGE-1/2/L against the reference (`rouge.py`), mean length, share without EOS,
 reward-model score, win rate against the reference judged by the reward model and (optionally)
@@ -61,6 +62,8 @@ class Config:
     """first retry delay (doubles each retry)"""
     head_to_head: bool = False
     """also judge the first two policies against each other"""
+    head_to_head_against: str | None = None
+    """also judge every other policy head to head against this one (one of the --policy paths, e.g. PPO's)"""
     temperature: float = 0.01
     """sampling temperature (N+: 0.01; 0 = greedy)"""
     max_new_tokens: int = 53
@@ -152,6 +155,8 @@ def main(cfg: Config) -> dict:
         raise InputError("no --policy given: pass --policy DIR (repeat it for several)")
     if cfg.head_to_head and len(cfg.policy) < 2:
         raise InputError("--head-to-head needs two --policy checkpoints")
+    if cfg.head_to_head_against is not None and cfg.head_to_head_against not in cfg.policy:
+        raise InputError(f"--head-to-head-against {cfg.head_to_head_against} is not one of the --policy paths: pass it as --policy too")
     out = make_output_dir(cfg.output_dir)
     rows = load_rows(cfg.dataset, cfg.split, cfg.num_samples, None)
     judge = None
@@ -203,26 +208,31 @@ def main(cfg: Config) -> dict:
         if judge is not None:
             s["judge_win_rate"] = win_rate([r["judge_win"] for r in records])
         summary[path] = s
-    head_to_head = {}
-    if cfg.head_to_head:
-        first, second = per_policy[cfg.policy[0]], per_policy[cfg.policy[1]]
+    def compare(first: list[dict], second: list[dict], seed: int) -> dict:
+        """Win rates of `first`'s summaries over `second`'s on the same posts, by each judge."""
+        rates = {}
         if reward_model is not None:
-            head_to_head["rm"] = win_rate([1.0 if a["score"] > b["score"] else (0.5 if a["score"] == b["score"] else 0.0) for a, b in zip(first, second)])
+            rates["rm"] = win_rate([1.0 if a["score"] > b["score"] else (0.5 if a["score"] == b["score"] else 0.0) for a, b in zip(first, second)])
         if judge is not None:
-            verdicts = judge.compare([(p, a["response"], b["response"]) for p, a, b in zip(posts, first, second)], cfg.seed + 1)
-            head_to_head["judge"] = win_rate([None if v["first_wins"] is None else float(v["first_wins"]) for v in verdicts])
+            verdicts = judge.compare([(p, a["response"], b["response"]) for p, a, b in zip(posts, first, second)], seed)
+            rates["judge"] = win_rate([None if v["first_wins"] is None else float(v["first_wins"]) for v in verdicts])
+        return rates
+
+    head_to_head = compare(per_policy[cfg.policy[0]], per_policy[cfg.policy[1]], cfg.seed + 1) if cfg.head_to_head else {}
+    against = cfg.head_to_head_against
+    head_to_head_against = {path: compare(records, per_policy[against], cfg.seed + 2) for path, records in per_policy.items() if path != against} if against else {}
     with (out / "samples.jsonl").open("w") as f:
         for records in per_policy.values():
             for r in records:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
     if reward_model is not None:
         _plots(out, per_policy, reference_scores)
-    write_report(out, cfg, summary, head_to_head, len(rows))
+    write_report(out, cfg, summary, head_to_head, head_to_head_against, len(rows))
     print((out / "report.md").read_text())
-    return {"summary": summary, "head_to_head": head_to_head}
+    return {"summary": summary, "head_to_head": head_to_head, "head_to_head_against": head_to_head_against}
 
 
-def write_report(out: Path, cfg: Config, summary: dict, head_to_head: dict, n: int) -> None:
+def write_report(out: Path, cfg: Config, summary: dict, head_to_head: dict, head_to_head_against: dict, n: int) -> None:
     rm_judge = f"reward model `{cfg.reward_path}` (normalised; a win is score(policy) > score(reference))"
     llm_judge = f"`{cfg.judge_model}` at `{cfg.judge_url}` with the N+ judge prompt (below), A/B order randomised (seed {cfg.seed})"
     lines = [f"# Evaluation\n\n{n} posts of `{cfg.dataset}` ({cfg.split}), temperature {cfg.temperature}, at most {cfg.max_new_tokens} new tokens.\n"]
@@ -242,6 +252,14 @@ def write_report(out: Path, cfg: Config, summary: dict, head_to_head: dict, n: i
             lines.append(f"- win rate of the first, judge {rm_judge.split(' (')[0]}: {_ci(head_to_head['rm'])}")
         if "judge" in head_to_head:
             lines.append(f"- win rate of the first, judge {llm_judge}: {_ci(head_to_head['judge'])}")
+        lines.append("")
+    if head_to_head_against:
+        lines.append(f"## Head to head against `{cfg.head_to_head_against}`\n\nWin rate of each policy's summary over this one's on the same post (ties count half).\n")
+        for path, rates in head_to_head_against.items():
+            if "rm" in rates:
+                lines.append(f"- `{path}`, judge {rm_judge.split(' (')[0]}: {_ci(rates['rm'])}")
+            if "judge" in rates:
+                lines.append(f"- `{path}`, judge {llm_judge}: {_ci(rates['judge'])}")
         lines.append("")
     if cfg.reward_path:
         lines.append("![win rate vs length](winrate_vs_length.png)\n\n![score histogram](score_histogram.png)\n")
