@@ -42,7 +42,7 @@ def pipeline_dir(tmp_path_factory):
 
 @pytest.mark.slow
 def test_smoke_pipeline_runs_every_stage_and_writes_one_report(pipeline_dir):
-    for rel in ("sft/config.json", "reward/config.json", "ppo/config.json", "eval/report.md", "eval/samples.jsonl"):
+    for rel in ("sft/config.json", "reward/config.json", "ppo/config.json", "dpo/config.json", "grpo/config.json", "eval/report.md", "eval/samples.jsonl"):
         assert (pipeline_dir / rel).stat().st_size > 0, rel
     report = (pipeline_dir / "report.md").read_text()
     assert "SFT vs PPO" in report and "offline smoke run" in report
@@ -50,12 +50,37 @@ def test_smoke_pipeline_runs_every_stage_and_writes_one_report(pipeline_dir):
     assert "[eval/report.md](eval/report.md)" in report
     first, last = map(float, re.search(r"SFT: validation loss ([\d.]+) -> ([\d.]+)", report).groups())
     assert last < first
-    for stage in ("sft", "reward", "ppo", "evaluate"):
+    for stage in ("sft", "reward", "ppo", "dpo", "grpo", "evaluate"):
         assert re.search(rf"^\| {stage} \| \d+ \|$", report, re.M), stage
     samples = read_jsonl(pipeline_dir / "eval" / "samples.jsonl")
-    assert {s["policy"] for s in samples} == {str(pipeline_dir / "sft"), str(pipeline_dir / "ppo")}
-    assert len(samples) == 2 * 16  # smoke: 16 validation posts per policy
+    assert {s["policy"] for s in samples} == {str(pipeline_dir / m) for m in ("sft", "ppo", "dpo", "grpo")}
+    assert len(samples) == 4 * 16  # smoke: 16 validation posts per policy
     assert "## Head to head" in (pipeline_dir / "eval" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_smoke_pipeline_compares_every_method_with_ci_and_against_ppo(pipeline_dir):
+    """One table: SFT, PPO, DPO and GRPO on the same posts, each with its RM win rate (n, CI)
+    and its win rate against PPO's summaries, which match the evaluation's own samples."""
+    report = (pipeline_dir / "report.md").read_text()
+    assert "## SFT vs PPO vs DPO vs GRPO" in report
+    rate = r"(\d\.\d{3}) \[(\d\.\d{3}), (\d\.\d{3})\] n=(\d+)"
+    rows = {m: re.search(rf"^\| {m} \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (-?[\d.]+) \| {rate} \| (.*) \|$", report, re.M) for m in ("sft", "ppo", "dpo", "grpo")}
+    assert all(rows.values()), report
+    samples = read_jsonl(pipeline_dir / "eval" / "samples.jsonl")
+    by_policy = {m: [s for s in samples if s["policy"] == str(pipeline_dir / m)] for m in rows}
+    for m, row in rows.items():
+        assert int(row.group(8)) == 16
+        assert float(row.group(6)) <= float(row.group(5)) <= float(row.group(7))
+        assert float(row.group(3)) == pytest.approx(sum(not s["has_eos"] for s in by_policy[m]) / 16, abs=1e-3)  # no-EOS share (printed to 3 places)
+        versus = row.group(9)
+        if m == "ppo":
+            assert versus == "-"
+            continue
+        wins = [1.0 if a["score"] > b["score"] else 0.5 if a["score"] == b["score"] else 0.0 for a, b in zip(by_policy[m], by_policy["ppo"])]
+        assert [a["id"] for a in by_policy[m]] == [b["id"] for b in by_policy["ppo"]]  # the same posts
+        assert float(re.match(rate, versus).group(1)) == pytest.approx(sum(wins) / 16, abs=1e-3)
+    assert "- DPO: implicit-reward accuracy 0.000 ->" in report and "- GRPO: score" in report
 
 
 # ---- evaluate with an LLM judge
