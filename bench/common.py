@@ -1,32 +1,23 @@
-"""What every benchmark shares: the model, the tokenizer, the data, the timing and the record.
+"""What every benchmark shares: the model, the tokenizer, the data, our contenders, timing, records.
 
-Model: a random Qwen2 shaped like Qwen2.5-0.5B but small enough that one optimizer step takes
-~0.2-1 s on 2 CPU cores: hidden 256, 4 layers, 4 heads / 2 KV heads (GQA), MLP 1024, tied
-embeddings, fp32. Its LM head is ~1/3 of the weights, as on Qwen2.5-0.5B (136M of 494M).
+Model: a random Qwen2 shaped like Qwen2.5-0.5B but small enough for 2 CPU cores (hidden 256, 4
+layers, 4 heads / 2 KV heads, MLP 1024, tied embeddings, fp32; its LM head ~1/3 of the weights,
+as on Qwen2.5-0.5B). Tokenizer (`--tokenizer`): `sample` (default), a byte-level BPE of 8,192
+tokens trained on the real TL;DR sample, whose token counts there match Qwen2.5's (query median
+352 vs 338, reference 33 vs 32), with Qwen2.5's pad == EOS trap; `tiny`, the 788-token fixture
+tokenizer (queries ~2.2x too long). Data: ../shared/data/tldr_real_sample run through our own
+`preprocess.process_sft` / `process_comparisons` (the bundled fixtures when it is missing).
 
-Tokenizer (`--tokenizer`):
-- `sample` (default): a byte-level BPE of 8,192 tokens trained on the real TL;DR sample itself,
-  with Qwen2.5's pad == EOS trap (so `data.load_tokenizer` adds [PAD], id 8192). Its vocabulary
-  size was chosen so that token counts on the sample match the Qwen2.5 counts documented in
-  ../shared/data/tldr_real_sample/README.md: query median 352 (Qwen 338), reference response
-  median 33 (Qwen 32), PPO response median 41 (Qwen 41). The Qwen tokenizer itself is not
-  obtainable offline.
-- `tiny`: the project's 788-token fixture tokenizer. It has never seen most English words, so
-  the sample's queries come out ~2.2x longer than with Qwen (median 733 tokens, 80% cut to 512)
-  and 70% of the responses are cut to 63: NOT the real length distribution.
-
-Data: ../shared/data/tldr_real_sample/{sft,comparisons}.jsonl (1,000 real posts / pairs) run
-through our own pipeline (`preprocess.process_sft`, `preprocess.process_comparisons`, long responses
-truncated), falling back to the bundled fixtures when the sample is missing.
-
-Timing: every script interleaves the contenders (ours, TRL, ours, TRL, ...) on the same rows in
-the same process, and reports throughput min/median/max over the repeats and the ratio
-ours/TRL of each interleaved pair. The machine may be shared, so the ratios are the numbers to
-trust; absolute rates move with the load.
+Our contenders are the stage scripts' own steps (`sft.train_step`, `reward.train_step`,
+`ppo.ppo_rollout` + `rewards_and_advantages` + `ppo_update`), imported, never re-typed; a
+baseline changes their inputs or arguments (`pad_to`, `pack`, `trim_padding`), not their code.
+Every script interleaves the contenders on the same rows in one process; the machine may be
+shared, so the ratios are the numbers to trust, absolute rates move with the load.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -171,6 +162,85 @@ def comparison_data(tokenizer):
 def length_summary(values) -> dict:
     v = sorted(int(x) for x in values)
     return {"min": v[0], "median": v[len(v) // 2], "mean": round(statistics.mean(v), 1), "max": v[-1], "n": len(v)}
+
+
+# ---------------------------------------------------------------------------------------------
+# our contenders: each a fresh model and optimizer, and a closure running one step of a stage
+
+
+def sft_step(model_dir, tokenizer, train, cfg, runtime, pad_to: int | None = None):
+    """`step(indices, k)`: `sft.train_step` on those rows (k = its step number). `pad_to`: the
+    fixed-shape baseline, every row padded to that many columns and forwards on padded rows."""
+    import sft
+    from dgx_spark_summary_from_human_feedback.models import disable_dropout, lm_loss_sum, load_policy
+    from dgx_spark_summary_from_human_feedback.training import distribute, make_optimizer
+
+    model = load_policy(str(model_dir), tokenizer, dtype=runtime.param_dtype, device=runtime.device)
+    disable_dropout(model)
+    model.train()
+    loss_fn = distribute(model, functools.partial(lm_loss_sum, pack=False if pad_to else None), runtime)
+    adam = dict(lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps, kind=cfg.optimizer)
+    optimizer = make_optimizer(list(model.parameters()), **adam, device=runtime.device)
+    lengths = [int(n) for n in train["query_reference_response_token_len"]]
+    response_lengths = [int(n) for n in train["reference_response_token_len"]]
+
+    def step(indices: list[int], k: int = 0) -> dict:
+        return sft.train_step(loss_fn, model, optimizer, train, indices, lengths, response_lengths, cfg, runtime, k, CACHE, pad_to)
+
+    return step
+
+
+def reward_step(model_dir, tokenizer, train, cfg, runtime, new_head: bool = False):
+    """`step(indices, k)`: `reward.train_step` on those comparisons."""
+    import reward
+    from dgx_spark_summary_from_human_feedback.models import disable_dropout, get_pair_scores, load_reward_model
+    from dgx_spark_summary_from_human_feedback.training import distribute, make_optimizer
+
+    torch.manual_seed(cfg.seed)  # the head's init, as reward.main
+    model = load_reward_model(str(model_dir), tokenizer, dtype=runtime.param_dtype, device=runtime.device, new_head=new_head)
+    disable_dropout(model)
+    model.train()
+    score_fn = distribute(model, get_pair_scores, runtime)
+    adam = dict(lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8, kind=cfg.optimizer)
+    optimizer = make_optimizer(list(model.parameters()), **adam, device=runtime.device)
+    columns = (train["query_token_len"], train["chosen_token_len"], train["rejected_token_len"])
+    pair_lengths = [int(q) + max(int(c), int(r)) for q, c, r in zip(*columns)]  # as reward.main
+
+    def step(indices: list[int], k: int = 0) -> dict:
+        return reward.train_step(score_fn, model, optimizer, train, indices, pair_lengths, cfg, runtime, k, CACHE)
+
+    return step
+
+
+def ppo_update_fn(cfg, tokenizer, rows: dict, runtime, pad_to: int | None = None, pack: bool | None = None):
+    """`update(k, tick)`: one PPO update of ppo.py's on the fixed query rows `rows`, as ppo.main
+    runs it (rollout, rewards and advantages, PPO epochs, metrics); `tick(phase)` is called after
+    the rollout and after the update (the GPU bench times them). `pad_to`: queries left padded to
+    that length and no trimming or packing anywhere (N+'s fixed shapes); `pack`: the forwards'."""
+    import ppo
+
+    if pad_to:
+        pack = False
+    models = ppo.load_models(cfg, tokenizer, runtime, pack=pack)
+    sample_generator = torch.Generator(device=runtime.device).manual_seed(cfg.seed)
+    shuffle_generator = torch.Generator().manual_seed(cfg.seed)
+    queries, query_mask = ppo.query_batch(rows, runtime.device)
+    if pad_to:
+        queries = torch.nn.functional.pad(queries, (pad_to - queries.shape[1], 0), value=tokenizer.pad_token_id)
+        query_mask = torch.nn.functional.pad(query_mask, (pad_to - query_mask.shape[1], 0), value=0)
+
+    def update(k: int, tick=lambda phase: None) -> dict:
+        batch = ppo.ppo_rollout(models, queries, query_mask, cfg, tokenizer, runtime, sample_generator, not pad_to)
+        tick("rollout")
+        advantages, returns, kl, non_score_rewards = ppo.rewards_and_advantages(batch, cfg)
+        stats = ppo.ppo_update(
+            models, batch, advantages, returns, rows["query_token_len"], cfg, runtime, shuffle_generator, k, CACHE, not pad_to
+        )
+        metrics = ppo.update_metrics(batch, kl, non_score_rewards, stats, runtime)
+        tick("update")
+        return metrics
+
+    return update
 
 
 # ---------------------------------------------------------------------------------------------

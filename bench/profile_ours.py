@@ -1,9 +1,9 @@
-"""Where our code spends its time: cProfile (Python functions) and torch.profiler (ops) of one
-benchmark step of ours, on the benchmark setup of bench/common.py.
+"""Where our code spends its time: cProfile (Python functions) and torch.profiler (ops) of one of
+our steps on the benchmark setup of common.py (the stages' own step functions).
 
-    .venv/bin/python bench/profile_ours.py sft            # one SFT optimizer step (bench_sft defaults)
-    .venv/bin/python bench/profile_ours.py reward
-    .venv/bin/python bench/profile_ours.py ppo            # one ppo.main run of 2 updates, phases timed
+    .venv/bin/python bench/profile_ours.py sft            # one sft.train_step (bench_sft defaults)
+    .venv/bin/python bench/profile_ours.py reward         # one reward.train_step
+    .venv/bin/python bench/profile_ours.py ppo            # one PPO update, rollout and training timed apart
     .venv/bin/python bench/profile_ours.py preprocess --rows 3000
     .venv/bin/python bench/profile_ours.py sft --torch    # add the torch op table
 """
@@ -14,14 +14,13 @@ import argparse
 import cProfile
 import io
 import pstats
-import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
-import common  # noqa: F401
-import torch
+import common
+
+from dgx_spark_summary_from_human_feedback.training import PAIR_COLUMNS, batch_indices, setup_runtime
 
 
 def show(prof: cProfile.Profile, limit: int) -> None:
@@ -32,89 +31,34 @@ def show(prof: cProfile.Profile, limit: int) -> None:
     print(s.getvalue())
 
 
-def torch_table(fn, limit: int) -> None:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
-        fn()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=limit))
-
-
 def step_fn(kind: str, args):
-    """A zero-argument callable running one of our steps (bench setups), after one warmup call."""
-    from dgx_spark_summary_from_human_feedback.training import batch_indices, setup_runtime
+    """A zero-argument callable running one of our steps, after one warmup call."""
+    import ppo
+    import reward
+    import sft
 
     runtime = setup_runtime("cpu")
-    tokenizer = common.load_tokenizer("sample")
-    policy_dir, reward_dir = common.write_models(tokenizer, "sample")
+    tokenizer = common.load_tokenizer(args.tokenizer)
+    policy_dir, reward_dir = common.write_models(tokenizer, args.tokenizer)
+    if kind == "ppo":
+        cfg = ppo.Config(batch_size=16, micro_batch_size=8, forward_batch_size=16, generation_batch_size=16, device="cpu",
+                         sft_path=str(policy_dir), reward_path=str(reward_dir), seed=42)  # fmt: skip
+        ds = common.sft_data(tokenizer).with_format("torch", columns=["query_token", "query_token_len"])
+        rows = ds[sorted(batch_indices(0, len(ds), cfg.batch_size, cfg.seed), key=lambda i: -int(ds[i]["query_token_len"]))]
+        update, marks = common.ppo_update_fn(cfg, tokenizer, rows, runtime), {}
+        update(0)
+        return lambda: update(1, tick=lambda phase: marks.setdefault(phase, time.perf_counter())), marks
     if kind == "sft":
-        import bench_sft
-
-        ds = common.sft_data(tokenizer)
-        train = ds.with_format("torch", columns=bench_sft.COLUMNS)
-        lengths, response_lengths = list(ds["query_reference_response_token_len"]), list(ds["reference_response_token_len"])
-        fn = bench_sft.make_ours(policy_dir, tokenizer, train, lengths, response_lengths, args.micro_batch_size, runtime)
-        rows = [batch_indices(k, len(ds), args.batch_size, 42) for k in range(2)]
+        cfg = sft.Config(batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, seed=42)
+        ds = common.sft_data(tokenizer).with_format("torch", columns=["query_reference_response_token", "query_reference_response_token_len", "reference_response_token_len"])
+        step = common.sft_step(policy_dir, tokenizer, ds, cfg, runtime)
     else:
-        import bench_reward
-        import reward
-
-        ds = common.comparison_data(tokenizer)
-        train = ds.with_format("torch", columns=reward.PAIR_COLUMNS)
-        pair = [max(c, r) for c, r in zip(ds["query_chosen_token_len"], ds["query_rejected_token_len"])]
-        fn = bench_reward.make_ours(reward_dir, tokenizer, train, pair, args.batch_size, args.micro_batch_size, runtime)
-        rows = [batch_indices(k, len(ds), args.batch_size, 42) for k in range(2)]
-    fn(rows[0])
-    return lambda: fn(rows[1])
-
-
-def profile_ppo(args) -> None:
-    """Phases of one update (rollout generation, rollout forwards, PPO epochs) and cProfile."""
-    import bench_ppo
-    import ppo
-
-    tokenizer = common.load_tokenizer("sample")
-    policy_dir, reward_dir = common.write_models(tokenizer, "sample")
-    phases: dict[str, float] = defaultdict(float)
-
-    def timed(name, fn):
-        def wrapper(*a, **k):
-            t = time.perf_counter()
-            out = fn(*a, **k)
-            phases[name] += time.perf_counter() - t
-            return out
-
-        return wrapper
-
-    class PpoArgs:
-        batch_size, micro_batch_size, forward_batch_size, response_length, updates = args.batch_size or 16, args.micro_batch_size or 8, 16, 53, 1
-
-    name = "MainThread"  # one contender, in this thread: it hands the turn to itself
-    turns = bench_ppo.Turns([name], torch.get_num_threads())
-    turns.gates[name].release()
-    turns.begin(name)
-    with tempfile.TemporaryDirectory() as cache:
-        dataset, _ = bench_ppo.query_dataset(tokenizer, PpoArgs.batch_size, Path(cache))
-        originals = {n: getattr(ppo, n) for n in ("generate", "rollout", "response_logits", "value_predictions", "get_score", "compute_advantages")}
-        for n, f in originals.items():
-            setattr(ppo, n, timed(n, f))
-        prof = cProfile.Profile()
-        t = time.perf_counter()
-        try:
-            with bench_ppo.ours_hooks(turns, {}):
-                prof.enable()
-                bench_ppo.ours_target(policy_dir, reward_dir, dataset, PpoArgs)()
-                prof.disable()
-        finally:
-            for n, f in originals.items():
-                setattr(ppo, n, f)
-        total = time.perf_counter() - t
-    seconds = turns.seconds[name]
-    print(f"run {total:.1f}s (model loading, 2 updates, final save); timed update {seconds}")
-    print("cumulative seconds inside ppo's names over both updates (rollout includes generate and the no-grad forwards):")
-    for n, v in sorted(phases.items(), key=lambda kv: -kv[1]):
-        print(f"  {n:22s} {v:8.2f}s")
-    show(prof, args.limit)
+        cfg = reward.Config(batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, seed=42)
+        ds = common.comparison_data(tokenizer).with_format("torch", columns=PAIR_COLUMNS)
+        step = common.reward_step(reward_dir, tokenizer, ds, cfg, runtime)
+    rows = [batch_indices(k, len(ds), cfg.batch_size, cfg.seed) for k in range(2)]
+    step(rows[0], 0)
+    return lambda: step(rows[1], 1), {}
 
 
 def profile_preprocess(args) -> None:
@@ -139,31 +83,33 @@ def profile_preprocess(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["sft", "reward", "ppo", "preprocess"])
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--micro-batch-size", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--micro-batch-size", type=int, default=4)
     parser.add_argument("--rows", type=int, default=3000)
     parser.add_argument("--tokenizer", default="sample")
     parser.add_argument("--torch", action="store_true", help="also the torch.profiler op table")
     parser.add_argument("--limit", type=int, default=25)
     args = parser.parse_args()
     common.set_threads()
-    if args.what == "ppo":
-        return profile_ppo(args)
     if args.what == "preprocess":
         return profile_preprocess(args)
-    args.batch_size = args.batch_size or 8
-    args.micro_batch_size = args.micro_batch_size or 4
-    fn = step_fn(args.what, args)
+    fn, marks = step_fn(args.what, args)
     prof = cProfile.Profile()
     t = time.perf_counter()
     prof.enable()
     fn()
     prof.disable()
-    print(f"one {args.what} step: {time.perf_counter() - t:.2f}s")
+    end = time.perf_counter()
+    phases = f" (rollout {marks['rollout'] - t:.2f}s, training {marks['update'] - marks['rollout']:.2f}s)" if marks else ""
+    print(f"one {args.what} step: {end - t:.2f}s{phases}")
     show(prof, args.limit)
     if args.torch:
-        torch_table(fn, args.limit)
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as op_prof:
+            fn()
+        print(op_prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.limit))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
