@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
+from .hub import hub_errors
 
 STATE_FILE = "training_state.pt"
 CONFIG_FILE = "run_config.json"
@@ -214,5 +215,6 @@ def push_run(out_dir: str | Path, repo_id: str) -> None:
     report = (out / "report.md").read_text() if (out / "report.md").exists() else ""
     (out / "README.md").write_text("---\nlibrary_name: transformers\ntags:\n- rlhf\n- summarization\n- tldr\n---\n\n" + report)
     api = HfApi()
-    api.create_repo(repo_id, exist_ok=True)
-    api.upload_folder(folder_path=str(out), repo_id=repo_id, ignore_patterns=["checkpoints/*", "tiny-init/*", ".*", "wandb/*"])
+    with hub_errors(f"pushing {out} to {repo_id}"):  # the local output stays as it is whatever happens here
+        api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(folder_path=str(out), repo_id=repo_id, ignore_patterns=["checkpoints/*", "tiny-init/*", ".*", "wandb/*"])

@@ -10,6 +10,7 @@ import transformers
 import tyro
 
 from .errors import InputError
+from .hub import check_push_target
 
 C = TypeVar("C")
 
@@ -33,6 +34,8 @@ def run(main: Callable[[C], object], config_cls: type[C], args: list[str] | None
     datasets.disable_progress_bars()  # our own summaries say what happened; keep the output readable
     transformers.utils.logging.disable_progress_bar()
     try:
+        if getattr(cfg, "push_to_hub", None):
+            check_push_target(cfg.push_to_hub)  # before the work: hours of it must not end in a push that cannot succeed
         main(cfg)
     except InputError as e:
         sys.exit(f"error: {e}")
