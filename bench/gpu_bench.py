@@ -242,14 +242,14 @@ def write_checkpoint(directory: Path, shape: sp.Shape, kind: str, tokenizer, dev
     del model
 
 
-def token_rows(n: int, lengths: sp.Lengths, eos: int, seed: int, pairs: bool):
+def token_rows(n: int, lengths: sp.LengthSample, eos: int, seed: int, pairs: bool):
     """SFT rows (processed-dataset columns) or comparison pairs, random ids below EOS."""
     import datasets
     import numpy as np
 
     rng, ids = random.Random(seed), np.random.default_rng(seed)
-    Q, pad = sp.QUERY_BUDGET, eos + 1  # [PAD] comes right after EOS in the stand-in tokenizer
-    R = 133 if pairs else sp.SFT_RESPONSE_BUDGET
+    Q, pad = sp.BUDGET.query, eos + 1  # [PAD] comes right after EOS in the stand-in tokenizer
+    R = 133 if pairs else sp.BUDGET.response
 
     def response(length: int):
         return np.concatenate([ids.integers(0, eos, length - 1), [eos]])
@@ -291,10 +291,10 @@ class Workspace:
     sft_data_dir: Path
     sft_rows: object
     pairs: object
-    lengths: sp.Lengths
+    lengths: sp.LengthSample
 
 
-def build_workspace(ctx: Context, root: Path, lengths: sp.Lengths) -> Workspace:
+def build_workspace(ctx: Context, root: Path, lengths: sp.LengthSample) -> Workspace:
     import datasets
 
     from dgx_spark_summary_from_human_feedback.data import load_tokenizer

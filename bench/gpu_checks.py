@@ -166,7 +166,7 @@ def packing(ctx, ws, out: dict) -> None:
     model = load_policy(str(ws.policy_dir), tokenizer, dtype=runtime.param_dtype, device=runtime.device)
     rng = random.Random(0)
     B, R = (4, 8) if ctx.tiny else (16, 53)
-    query_lengths = sorted((min(ws.lengths.draw("query", rng), sp.QUERY_BUDGET) for _ in range(B)), reverse=True)
+    query_lengths = sorted((min(ws.lengths.draw("query", rng), sp.BUDGET.query) for _ in range(B)), reverse=True)
     if ctx.tiny:
         query_lengths = [max(2, q // 8) for q in query_lengths]
     T = query_lengths[0] + R

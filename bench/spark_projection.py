@@ -15,11 +15,10 @@ overhead per step). The efficiencies and the host overhead come from `bench/gpu_
 an H100/H200 when its JSON is there (each phase's measured time minus its memory term on that
 GPU); otherwise from stated assumptions. Memory is an analytic estimate (weights, gradients,
 optimizer state, activations, logits), printed beside the peak measured on the GPU for the same
-micro-batches. Nothing here is a result typed in by hand: the inputs are the constants below
-(hardware facts, recipe sizes) and the measurements.
-
-This file is also the one place `gpu_bench.py` takes model shapes, length distributions and FLOP
-counts from, so a measurement and its projection count the same way. Pure Python, no torch.
+micro-batches. Nothing is typed in by hand: the inputs are the constants below (hardware
+facts), the stage Configs' defaults, the package's query format and token budgets, and the
+measurements. `gpu_bench.py` and `bench_ppo.py` take their model shapes, length distributions
+and FLOP counts from here, so a measurement and its projection count the same way.
 """
 
 from __future__ import annotations
@@ -32,9 +31,12 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dgx_spark_summary_from_human_feedback.data import QUERY_FORMAT, Lengths
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_SAMPLE = REPO.parent / "shared" / "data" / "tldr_real_sample"
 DEFAULT_BENCH_JSON = Path(__file__).resolve().parent / "gpu_bench.json"
+BUDGET = Lengths()  # the stages' token budgets: queries cut to 512, SFT responses to 63 (EOS included)
 
 # ---------------------------------------------------------------------------------------------
 # hardware facts (RECIPE.md "DGX Spark (GB10)")
@@ -57,15 +59,16 @@ GPU_SPECS = [  # (substring, peak BF16 dense FLOP/s, bandwidth B/s), first match
 
 
 def gpu_spec(name: str) -> tuple[float | None, float | None]:
-    upper = name.upper()
-    for key, peak, bandwidth in GPU_SPECS:
-        if key in upper:
-            return peak, bandwidth
-    return None, None
+    return next(((peak, bandwidth) for key, peak, bandwidth in GPU_SPECS if key in name.upper()), (None, None))
+
+
+def seconds(flops: float, bytes_: float, efficiency: float) -> float:
+    """A phase on the GB10: its FLOPs at `efficiency` of the peak, plus its non-FLOP bytes."""
+    return flops / (SPARK["peak_bf16_flops"] * efficiency) + bytes_ / SPARK["bandwidth"]
 
 
 # ---------------------------------------------------------------------------------------------
-# model shapes and parameter counts
+# model shapes, FLOPs (multiply-add = 2 FLOPs), bytes and memory
 
 
 @dataclass(frozen=True)
@@ -92,16 +95,12 @@ class Shape:
         return self.layers * self.layer_matmul_params()
 
     def params(self, head: str = "lm") -> int:
-        """Parameter count of the causal LM (`head="lm"`, tied head counted once) or of the
+        """Parameters of the causal LM (`head="lm"`, a tied head counted once) or of the
         reward/value model (`head="score"`: one 1 x hidden score row instead of the LM head)."""
         d, kv = self.hidden, self.kv_dim
         layer = self.layer_matmul_params() + (d + 2 * kv) + 2 * d  # + q/k/v biases + two RMSNorms
         total = self.vocab * d + self.layers * layer + d  # + final norm
-        if head == "lm" and not self.tied:
-            total += self.vocab * d
-        if head == "score":
-            total += d
-        return total
+        return total + (self.vocab * d if head == "lm" and not self.tied else 0) + (d if head == "score" else 0)
 
 
 QWEN_0_5B = Shape("Qwen2.5-0.5B", hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864)
@@ -110,16 +109,11 @@ TINY = Shape("tiny", hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128,
 TINY_WIDE = Shape("tiny-wide", hidden=96, layers=3, heads=4, kv_heads=2, intermediate=192, vocab=1024)
 
 
-# ---------------------------------------------------------------------------------------------
-# FLOPs (multiply-add = 2 FLOPs)
-
-
 def attention_flops(shape: Shape, batch: int, q_len: int, kv_len: int | None = None) -> float:
     """QK^T and AV of causal attention: q_len queries, each attending to its prefix of kv_len
     (the useful half; a masked SDPA call may compute more)."""
     kv_len = q_len if kv_len is None else kv_len
-    offset = kv_len - q_len
-    keys = q_len * offset + q_len * (q_len + 1) / 2
+    keys = q_len * (kv_len - q_len) + q_len * (q_len + 1) / 2
     return shape.layers * 4 * shape.hidden * batch * keys
 
 
@@ -129,8 +123,7 @@ def forward_flops(shape: Shape, batch: int, seq_len: int, head_positions: float)
 
 
 def train_flops(shape: Shape, batch: int, seq_len: int, head_positions: float) -> float:
-    """Forward + backward (2x the forward)."""
-    return 3 * forward_flops(shape, batch, seq_len, head_positions)
+    return 3 * forward_flops(shape, batch, seq_len, head_positions)  # backward = 2 x forward
 
 
 def decode_step_flops(shape: Shape, batch: int, context: int) -> float:
@@ -138,10 +131,7 @@ def decode_step_flops(shape: Shape, batch: int, context: int) -> float:
     return 2 * shape.matmul_params() * batch + attention_flops(shape, batch, 1, context + 1) + 2 * shape.hidden * shape.vocab * batch
 
 
-# ---------------------------------------------------------------------------------------------
-# bytes that do not scale with FLOPs (per parameter / per logit element), stated
-
-BYTES = {
+BYTES = {  # traffic that does not scale with FLOPs, per parameter or per fp32 logit element
     # 8-bit AdamW step: fp32 weight read+write 8, fp32 grad read 4, two 8-bit states read+write 4;
     # + clip_grad_norm (grad read for the norm, read+write to scale) 12
     "optimizer_step_per_param": {"adamw8bit": 28, "adamw-fused": 40, "adamw": 40},
@@ -149,18 +139,15 @@ BYTES = {
     # fp32 -> bf16 cast (read 4, write 2), bf16 weight reads in forward and backward (2 + 2),
     # fp32 grad accumulation (read+write 8), bf16 weight-grad before the cast (write 2, read 2)
     "micro_weights_per_param": 22,
-    # one fp32 logit element: LM head out bf16 (2) + .float() (2+4) + cross-entropy / log_softmax
-    # (~12) + backward (~20): SFT loss
+    # SFT loss: LM head out bf16 (2) + .float() (2+4) + cross-entropy (~12) + backward (~20)
     "logit_train_sft": 40,
-    # PPO training micro-batch: the same forward, /temperature (8), entropy under no_grad (~28),
-    # backward of log_softmax, division, cast and head (~24)
+    # PPO micro-batch: the same, /temperature (8), entropy under no_grad (~28), more backward (~24)
     "logit_train_ppo": 80,
     # no-grad response log-probs: head out (2), .float() (6), /temperature (8), log_softmax (12)
     "logit_forward": 28,
     # sampling one token: head out (2), .float() (6), /temperature (8), softmax (12), multinomial (8)
     "logit_sample": 36,
-    # DynamicCache grows by torch.cat: every step reads the cache for attention and copies it
-    # (read + write): 3x the cache size in traffic
+    # DynamicCache grows by torch.cat: every step reads the cache and copies it: 3x its size
     "kv_cache_passes": 3,
 }
 
@@ -170,23 +157,18 @@ def kv_cache_bytes(shape: Shape, batch: int, context: int) -> float:
 
 
 def decode_step_bytes(shape: Shape, batch: int, context: int) -> float:
-    """Bytes read/written by one decoding step: the bf16 weights once (autocast caches the cast
-    for the whole `generate` call), the KV cache, the sampling over the vocabulary."""
+    """One decoding step: the bf16 weights once (autocast caches the cast for the whole
+    `generate` call), the KV cache, the sampling over the vocabulary."""
     weights = 2 * (shape.matmul_params() + shape.vocab * shape.hidden)  # decoder + (tied) LM head
     return weights + BYTES["kv_cache_passes"] * kv_cache_bytes(shape, batch, context) + BYTES["logit_sample"] * batch * shape.vocab
 
 
-# ---------------------------------------------------------------------------------------------
-# activation memory (bytes per token per layer, bf16 autocast, SDPA without a score matrix)
-
-
 def activation_bytes_per_token_layer(shape: Shape) -> float:
-    """Saved for backward per token and layer (estimate): fp32 residual stream and RMSNorm
-    internals (2 x 10d), bf16 casts of the norm output for q/k/v and o (8d), q/k/v and their
-    rotary versions (4d + 6kv), K/V repeated to all heads for SDPA (4d), attention output (2d),
-    the MLP's gate/up outputs, SiLU and product (8 x intermediate)."""
-    d, kv, i = shape.hidden, shape.kv_dim, shape.intermediate
-    return 42 * d + 6 * kv + 8 * i
+    """Saved for backward per token and layer (bf16 autocast, SDPA without a score matrix; an
+    estimate): fp32 residual stream and RMSNorm internals (2 x 10d), bf16 casts of the norm output
+    for q/k/v and o (8d), q/k/v and their rotary versions (4d + 6kv), K/V repeated to all heads
+    (4d), attention output (2d), the MLP's gate/up outputs, SiLU and product (8 x intermediate)."""
+    return 42 * shape.hidden + 6 * shape.kv_dim + 8 * shape.intermediate
 
 
 def activation_gb(shape: Shape, tokens: float) -> float:
@@ -195,23 +177,17 @@ def activation_gb(shape: Shape, tokens: float) -> float:
 
 def model_state_gb(params: int, trainable: bool, optimizer: str = "adamw8bit") -> float:
     """fp32 master weights 4 + fp32 grads 4 + optimizer state (8-bit AdamW: 2; fp32 AdamW: 8)
-    + the bf16 autocast copy of the weights held through a forward/backward 2; frozen: bf16 2."""
-    if not trainable:
-        return 2 * params / 1e9
-    state = 2 if optimizer == "adamw8bit" else 8
-    return (4 + 4 + state + 2) * params / 1e9
+    + the bf16 autocast copy held through a forward/backward 2; frozen: bf16 2."""
+    return (4 + 4 + (2 if optimizer == "adamw8bit" else 8) + 2) * params / 1e9 if trainable else 2 * params / 1e9
 
 
 # ---------------------------------------------------------------------------------------------
 # token lengths: the real TL;DR sample, or percentiles of it embedded for machines without it
 
-QUERY_BUDGET, SFT_RESPONSE_BUDGET = 512, 63
 # Qwen2.5 tokens per character, from the sample's published medians (its README): formatted
-# query 1,415 chars (median) <-> 338 tokens; reference summary " "+text 140 chars <-> 31 tokens
-# (+ EOS = 32). Used to turn the sample's character counts into token counts.
+# query 1,415 chars <-> 338 tokens; reference summary " "+text 140 chars <-> 31 tokens (+ EOS).
 QUERY_CHARS_PER_TOKEN = 1415 / 338
 RESPONSE_CHARS_PER_TOKEN = 140 / 31
-QUERY_FORMAT = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
 # Percentiles 0, 5, ..., 100 of the same conversion of the 1,000-post sample (ends set to the
 # published ranges: query 44-526, reference 15-57, PPO 20-56 tokens); EOS included in responses.
 EMBEDDED_PERCENTILES = {
@@ -222,8 +198,8 @@ EMBEDDED_PERCENTILES = {
 
 
 @dataclass
-class Lengths:
-    """Token-length populations to draw rows from (EOS included in responses; queries uncut)."""
+class LengthSample:
+    """Token lengths of real rows to draw from (responses include EOS; queries not yet cut)."""
 
     query: list[int]
     reference_response: list[int]
@@ -239,57 +215,47 @@ class Lengths:
             return round(values[lo] + (values[hi] - values[lo]) * (u - lo))
         return rng.choice(values)
 
-    def scaled(self, factor: float) -> Lengths:
+    def scaled(self, factor: float) -> LengthSample:
         """Every length x factor (at least 1): short rows for the --tiny CPU check."""
-        query, reference, ppo = ([max(1, round(v * factor)) for v in getattr(self, name)] for name in ("query", "reference_response", "ppo_response"))
-        return Lengths(query, reference, ppo, f"{self.source}, x {factor}")
+        query, reference, ppo = ([max(1, round(v * factor)) for v in getattr(self, name)] for name in EMBEDDED_PERCENTILES)
+        return LengthSample(query, reference, ppo, f"{self.source}, x {factor}")
 
     def summary(self) -> dict:
-        out = {"source": self.source}
-        for name in ("query", "reference_response", "ppo_response"):
-            v = getattr(self, name)
-            out[name] = {"median": statistics.median(v), "mean": round(statistics.fmean(v), 1), "min": min(v), "max": max(v)}
-        return out
+        stats = {name: getattr(self, name) for name in EMBEDDED_PERCENTILES}
+        return {"source": self.source} | {
+            name: {"median": statistics.median(v), "mean": round(statistics.fmean(v), 1), "min": min(v), "max": max(v)} for name, v in stats.items()
+        }
 
 
-def load_lengths(sample_dir: Path | None = DEFAULT_SAMPLE) -> Lengths:
+def load_lengths(sample_dir: Path | None = DEFAULT_SAMPLE) -> LengthSample:
     """From the real sample when it is there (chars / the ratios above), else the embedded table."""
     sft, comparisons = (sample_dir / "sft.jsonl", sample_dir / "comparisons.jsonl") if sample_dir else (None, None)
-    if sft and sft.exists() and comparisons.exists():
-        rows = [json.loads(line) for line in sft.read_text().splitlines() if line.strip()]
-        pairs = [json.loads(line) for line in comparisons.read_text().splitlines() if line.strip()]
-        query = [round(len(QUERY_FORMAT.format(**r)) / QUERY_CHARS_PER_TOKEN) for r in rows]
-        reference = [round(len(" " + r["summary"]) / RESPONSE_CHARS_PER_TOKEN) + 1 for r in rows]
-        ppo = [round(len(s["text"]) / RESPONSE_CHARS_PER_TOKEN) + 1 for p in pairs for s in p["summaries"] if s["policy"] != "ref"]
-        return Lengths(query, reference, ppo, f"real sample {sample_dir} ({len(rows)} posts), tokens = chars / {QUERY_CHARS_PER_TOKEN:.3f} (query), chars / {RESPONSE_CHARS_PER_TOKEN:.3f} + EOS (summaries)")
-    return Lengths(*(list(EMBEDDED_PERCENTILES[k]) for k in ("query", "reference_response", "ppo_response")), "embedded percentiles of the real sample (sample not found)")
-
-
-# ---------------------------------------------------------------------------------------------
-# the recipe (our stage defaults; read from the stage scripts when they import)
+    if not (sft and sft.exists() and comparisons.exists()):
+        return LengthSample(*(list(v) for v in EMBEDDED_PERCENTILES.values()), "embedded percentiles of the real sample (sample not found)")
+    rows = [json.loads(line) for line in sft.read_text().splitlines() if line.strip()]
+    pairs = [json.loads(line) for line in comparisons.read_text().splitlines() if line.strip()]
+    query = [round(len(QUERY_FORMAT.format(**r)) / QUERY_CHARS_PER_TOKEN) for r in rows]
+    reference = [round(len(" " + r["summary"]) / RESPONSE_CHARS_PER_TOKEN) + 1 for r in rows]
+    ppo = [round(len(s["text"]) / RESPONSE_CHARS_PER_TOKEN) + 1 for p in pairs for s in p["summaries"] if s["policy"] != "ref"]
+    how = f"tokens = chars / {QUERY_CHARS_PER_TOKEN:.3f} (query), chars / {RESPONSE_CHARS_PER_TOKEN:.3f} + EOS (summaries)"
+    return LengthSample(query, reference, ppo, f"real sample {sample_dir} ({len(rows)} posts), {how}")
 
 
 def recipe_defaults() -> tuple[dict, str]:
-    sizes = {
-        "sft": {"rows": 116_722, "batch_size": 128, "micro_batch_size": 16, "epochs": 1},
-        "reward": {"pairs": 92_858, "batch_size": 128, "micro_batch_size": 8, "epochs": 1},
-        "ppo": {"batch_size": 512, "micro_batch_size": 16, "forward_batch_size": 32, "generation_batch_size": 128, "ppo_epochs": 4, "response_length": 53, "num_minibatches": 1},
-    }
-    try:
-        sys.path.insert(0, str(REPO))
-        import ppo
-        import reward
-        import sft
-    except Exception as e:  # noqa: BLE001 - torch/datasets missing: the stated defaults above
-        return sizes, f"stated defaults (stage scripts not importable: {type(e).__name__})"
+    """The stages' batch sizes (their Config defaults) and the full TL;DR dataset sizes."""
+    sys.path.insert(0, str(REPO))  # sft.py, reward.py, ppo.py live at the repository root
+    import ppo
+    import reward
+    import sft
+
     s, r, p = sft.Config(), reward.Config(), ppo.Config()
-    sizes["sft"].update(batch_size=s.batch_size, micro_batch_size=s.micro_batch_size, epochs=s.epochs)
-    sizes["reward"].update(batch_size=r.batch_size, micro_batch_size=r.micro_batch_size, epochs=r.epochs)
-    sizes["ppo"].update(
-        batch_size=p.batch_size, micro_batch_size=p.micro_batch_size, forward_batch_size=p.forward_batch_size,
-        generation_batch_size=p.generation_batch_size, ppo_epochs=p.ppo_epochs, response_length=p.response_length, num_minibatches=p.num_minibatches,
-    )  # fmt: skip
-    return sizes, "sft.Config / reward.Config / ppo.Config defaults"
+    ppo_fields = ("batch_size", "micro_batch_size", "forward_batch_size", "generation_batch_size", "ppo_epochs", "response_length", "num_minibatches")
+    recipe = {
+        "sft": {"rows": 116_722, "batch_size": s.batch_size, "micro_batch_size": s.micro_batch_size, "epochs": s.epochs},
+        "reward": {"pairs": 92_858, "batch_size": r.batch_size, "micro_batch_size": r.micro_batch_size, "epochs": r.epochs},
+        "ppo": {name: getattr(p, name) for name in ppo_fields},
+    }
+    return recipe, "sft.Config / reward.Config / ppo.Config defaults"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,8 +264,7 @@ def recipe_defaults() -> tuple[dict, str]:
 
 def sft_micro_work(shape: Shape, rows: list[tuple[int, int]]) -> dict:
     """One SFT micro-batch of (query, response) rows padded to its longest: FLOPs and bytes."""
-    T = max(q + r for q, r in rows)
-    labels = sum(r for _, r in rows)
+    T, labels = max(q + r for q, r in rows), sum(r for _, r in rows)
     return {
         "flops": train_flops(shape, len(rows), T, labels),
         "bytes": BYTES["micro_weights_per_param"] * shape.params("lm") + BYTES["logit_train_sft"] * labels * shape.vocab,
@@ -321,36 +286,34 @@ def reward_micro_work(shape: Shape, pairs: list[tuple[int, int, int]]) -> dict:
     }  # fmt: skip
 
 
-def step_work(kind: str, shape: Shape, lengths: Lengths, batch: int, micro: int, rng: random.Random, optimizer: str = "adamw8bit") -> dict:
+def step_work(kind: str, shape: Shape, lengths: LengthSample, batch: int, micro: int, rng: random.Random, optimizer: str = "adamw8bit") -> dict:
     """One optimizer step of SFT or the reward model: rows drawn, sorted by length inside the
     batch and cut into micro-batches as `training.micro_batches` does."""
     if kind == "sft":
-        rows = [(min(lengths.draw("query", rng), QUERY_BUDGET), min(lengths.draw("reference_response", rng), SFT_RESPONSE_BUDGET)) for _ in range(batch)]
+        rows = [(min(lengths.draw("query", rng), BUDGET.query), min(lengths.draw("reference_response", rng), BUDGET.response)) for _ in range(batch)]
         rows.sort(key=lambda row: -(row[0] + row[1]))
-        micros = [sft_micro_work(shape, rows[s : s + micro]) for s in range(0, batch, micro)]
-        params = shape.params("lm")
+        micros, params = [sft_micro_work(shape, rows[s : s + micro]) for s in range(0, batch, micro)], shape.params("lm")
     else:
         pairs = []
         for _ in range(batch):
             a, b = lengths.draw("reference_response", rng), lengths.draw("ppo_response", rng)
-            pairs.append((min(lengths.draw("query", rng), QUERY_BUDGET), a, b))
+            pairs.append((min(lengths.draw("query", rng), BUDGET.query), a, b))
         pairs.sort(key=lambda p: -(p[0] + max(p[1], p[2])))
-        micros = [reward_micro_work(shape, pairs[s : s + micro]) for s in range(0, batch, micro)]
-        params = shape.params("score")
+        micros, params = [reward_micro_work(shape, pairs[s : s + micro]) for s in range(0, batch, micro)], shape.params("score")
     total = {k: sum(m[k] for m in micros) for k in ("flops", "bytes", "tokens", "padded_tokens")}
     total["bytes"] += BYTES["optimizer_step_per_param"][optimizer] * params
-    total["peak_tokens"] = max(m["peak_tokens"] for m in micros)
-    total["peak_labels"] = max(m.get("labels", 0) for m in micros)
-    return total
+    return total | {"peak_tokens": max(m["peak_tokens"] for m in micros), "peak_labels": max(m.get("labels", 0) for m in micros)}
 
 
-def mean_step(kind: str, shape: Shape, lengths: Lengths, batch: int, micro: int, n: int = 64, seed: int = 0) -> dict:
+def mean_step(kind: str, shape: Shape, lengths: LengthSample, batch: int, micro: int, n: int = 64, seed: int = 0) -> dict:
     rng = random.Random(seed)
     steps = [step_work(kind, shape, lengths, batch, micro, rng) for _ in range(n)]
     out = {k: statistics.fmean(s[k] for s in steps) for k in ("flops", "bytes", "tokens", "padded_tokens")}
-    out["peak_tokens"] = max(s["peak_tokens"] for s in steps)
-    out["peak_labels"] = max(s["peak_labels"] for s in steps)
-    return out
+    return out | {k: max(s[k] for s in steps) for k in ("peak_tokens", "peak_labels")}
+
+
+def chunks(total: int, size: int) -> list[int]:
+    return [min(size, total - s) for s in range(0, total, size)]
 
 
 def ppo_update_work(shape: Shape, batch: int, context: int, p: dict, optimizer: str = "adamw8bit") -> dict:
@@ -358,10 +321,8 @@ def ppo_update_work(shape: Shape, batch: int, context: int, p: dict, optimizer: 
     generation in chunks, four no-grad forwards (policy, reference, value, reward), then
     `ppo_epochs` passes of policy + value forward/backward in micro-batches."""
     R, T = p["response_length"], context + p["response_length"]
-    gen_chunks = [min(p["generation_batch_size"], batch - s) for s in range(0, batch, p["generation_batch_size"])]
-    fwd_chunks = [min(p["forward_batch_size"], batch - s) for s in range(0, batch, p["forward_batch_size"])]
-    micros = [min(p["micro_batch_size"], batch - s) for s in range(0, batch, p["micro_batch_size"])]
-    optimizer_steps = p["ppo_epochs"] * p["num_minibatches"]
+    fwd_chunks, micros = chunks(batch, p["forward_batch_size"]), chunks(batch, p["micro_batch_size"])
+    gen_chunks = chunks(batch, p["generation_batch_size"])
     lm, score = shape.params("lm"), shape.params("score")
     decode = [(b, context + t) for b in gen_chunks for t in range(R - 1)]  # the first token comes from the prefill
     return {
@@ -373,19 +334,19 @@ def ppo_update_work(shape: Shape, batch: int, context: int, p: dict, optimizer: 
         "forward_bytes": sum(2 * BYTES["logit_forward"] * b * R * shape.vocab for b in fwd_chunks),
         "train_flops": p["ppo_epochs"] * sum(train_flops(shape, b, T, b * R) + train_flops(shape, b, T, 0) for b in micros),
         "train_bytes": p["ppo_epochs"] * sum(BYTES["micro_weights_per_param"] * (lm + score) + BYTES["logit_train_ppo"] * b * R * shape.vocab for b in micros)
-        + optimizer_steps * BYTES["optimizer_step_per_param"][optimizer] * (lm + score),
+        + p["ppo_epochs"] * p["num_minibatches"] * BYTES["optimizer_step_per_param"][optimizer] * (lm + score),
         "context_length": context, "sequence_length": T,
     }  # fmt: skip
 
 
-def expected_context(lengths: Lengths, batch: int, n: int = 64, seed: int = 0) -> float:
+def expected_context(lengths: LengthSample, batch: int, n: int = 64, seed: int = 0) -> float:
     """Mean over batches of the longest query (ppo.main left pads each batch to its longest)."""
     rng = random.Random(seed)
-    return statistics.fmean(max(min(lengths.draw("query", rng), QUERY_BUDGET) for _ in range(batch)) for _ in range(n))
+    return statistics.fmean(max(min(lengths.draw("query", rng), BUDGET.query) for _ in range(batch)) for _ in range(n))
 
 
 # ---------------------------------------------------------------------------------------------
-# measured inputs
+# measured inputs: efficiencies and host overhead from a gpu_bench.py run, else assumed
 
 
 def read_bench(path: Path) -> tuple[dict | None, str]:
@@ -396,6 +357,8 @@ def read_bench(path: Path) -> tuple[dict | None, str]:
     except json.JSONDecodeError as e:
         return None, f"{path} is not JSON ({e.msg})"
     device = bench.get("device", {})
+    if not isinstance(device, dict):  # e.g. gpu_checks.py's output
+        return None, f"{path} is not a gpu_bench.py output: not used"
     if bench.get("tiny") or device.get("type") != "cuda":
         return None, f"{path} holds a --tiny or CPU run ({device.get('name', '?')}): not used"
     return bench, f"{path}: {device.get('name')} ({bench.get('versions', {}).get('torch')})"
@@ -418,18 +381,142 @@ def efficiency(flops: float, bytes_: float, seconds: float, peak: float, bandwid
     return min(flops / (peak * compute), 0.95)
 
 
+def calibrate_ppo(cal: dict, run: dict, g_peak: float, g_bw: float) -> None:
+    """PPO efficiencies and the host time per decoding step from a measured PPO run."""
+    t, w = run["timed_means"], run["work_per_update"]
+    eff, source = cal["eff"], f"measured (ppo_{run['batch_size']})"
+    eff["ppo_forward"] = efficiency(w["forward_flops"], w["forward_bytes"], t["rollout_forward_s"], g_peak, g_bw)
+    eff["ppo_train"] = efficiency(w["train_flops"], w["train_bytes"], t["train_s"], g_peak, g_bw)
+    # generation: the prefill at the forward efficiency, the rest spread over the decode steps
+    decode_s = max(t["generation_s"] - w["prefill_flops"] / (g_peak * eff["ppo_forward"]), 0.0)
+    per_step, steps = decode_s / max(w["decode_steps"], 1), max(w["decode_steps"], 1)
+    gpu_bound = max(w["decode_bytes"] / steps / g_bw, w["decode_flops"] / steps / g_peak)
+    cal["overhead"] = per_step if per_step > gpu_bound else 0.0
+    cal["overhead_source"] = f"measured (ppo_{run['batch_size']}: {per_step * 1e3:.1f} ms per decoding step, GPU roofline {gpu_bound * 1e3:.2f} ms)"
+    eff["prefill"] = eff["ppo_forward"]
+    cal["eff_source"].update(ppo_forward=source, ppo_train=source, prefill=source)
+    cal["peak_gb"]["ppo"] = run.get("peak_memory_allocated_gb")
+    cal["measured"][f"ppo_{run['batch_size']}"] = {"episodes_per_s": run.get("episodes_per_s"), "timed_means": t}
+
+
+def calibrate(args, bench: dict | None, bench_note: str) -> tuple[dict, list[str]]:
+    """Efficiency per phase (+ source), host time per decoding step, measured peaks; and the
+    assumption lines that say where each came from."""
+    keys = ("sft", "reward", "ppo_forward", "ppo_train", "prefill")
+    cal = {"eff": dict.fromkeys(keys, args.assumed_efficiency), "eff_source": dict.fromkeys(keys, "assumed"), "overhead": args.assumed_step_overhead_ms / 1e3,
+           "overhead_source": "assumed", "peak_gb": {}, "measured": {}}  # fmt: skip
+    eff, source, notes = cal["eff"], cal["eff_source"], []
+    if bench:
+        g_peak, g_bw, how = gpu_rates(bench)
+        notes.append(f"measured on {bench['device']['name']}: {how}; each efficiency in the table = counted FLOPs / (GPU peak x (measured time - bytes / GPU bandwidth)), applied to the GB10 unchanged (conservative: the same kernels are less launch-bound on a slower chip)")
+        m = bench.get("measurements", {})
+        for key, name in (("sft", "sft"), ("reward", "reward_0.5b"), ("reward_1.5b", "reward_1.5b")):
+            r = m.get(name) or {}
+            if r.get("seconds_timed"):
+                eff[key] = efficiency(r["flops_counted"], r["bytes_counted"], r["seconds_timed"], g_peak, g_bw)
+                source[key] = f"measured ({name})"
+                cal["peak_gb"][key] = r.get("peak_memory_allocated_gb")
+                if key != "reward_1.5b":
+                    cal["measured"][name] = {"tokens_per_s": r.get("tokens_nonpad_per_s"), "mfu_6N_spec": r.get("mfu_6N_spec")}
+        ppo_runs = [m.get(k) for k in ("ppo_512", "ppo_64") if (m.get(k) or {}).get("timed_updates")]
+        if ppo_runs:
+            calibrate_ppo(cal, ppo_runs[0], g_peak, g_bw)
+    else:
+        notes.append(f"no GPU measurement ({bench_note}): every compute phase at an ASSUMED {args.assumed_efficiency:.0%} of the GB10 peak, host overhead per decoding step ASSUMED {args.assumed_step_overhead_ms:.0f} ms")
+    if args.efficiency is not None:
+        cal["eff"], cal["eff_source"] = dict.fromkeys(eff, args.efficiency), dict.fromkeys(eff, "--efficiency")
+    cal["eff"].setdefault("reward_1.5b", cal["eff"]["reward"])
+    cal["eff_source"].setdefault("reward_1.5b", f"as reward 0.5B ({cal['eff_source']['reward']})")
+    cal["overhead"] *= args.host_overhead_scale
+    notes.append(f"host (Python + kernel launch) time per decoding step on the Spark's CPU = {args.host_overhead_scale} x the bench host's, or the assumed one: {cal['overhead'] * 1e3:.1f} ms")
+    notes.append("peak memory on the Spark = the same allocations as on the bench GPU (same code, same micro-batches); the 'measured' column is the H100/H200 peak when present")
+    return cal, notes
+
+
 # ---------------------------------------------------------------------------------------------
 # the projection
+
+
+def row(stage: str, shape: Shape, work: str, flops: float, secs: float, memory: dict, measured_gb: float | None, efficiency_used: str) -> dict:
+    memory = {"CUDA context + workspace": 1.0, **memory}
+    total = sum(memory.values())
+    return {
+        "stage": stage, "model": shape.name, "work": work, "pflop": flops / 1e15, "hours": secs / 3600, "memory_gb_estimate": total,
+        "memory_gb_parts": memory, "memory_gb_measured": measured_gb, "fits": total < SPARK["memory_visible_gb"], "efficiency": efficiency_used,
+    }  # fmt: skip
+
+
+def project_training(kind: str, shape: Shape, key: str, sizes: dict, lengths: LengthSample, cal: dict) -> tuple[dict, dict]:
+    """SFT or the reward model, one epoch: (table row, details). A step is the mean of 64 drawn batches."""
+    batch = sizes["batch_size"]
+    steps = sizes["epochs"] * (sizes["rows" if kind == "sft" else "pairs"] // batch)
+    step = mean_step(kind, shape, lengths, batch, sizes["micro_batch_size"])
+    step_s = seconds(step["flops"], step["bytes"], cal["eff"][key])
+    mem = {
+        "trainable model (weights, grads, 8-bit AdamW, bf16 copy)": model_state_gb(shape.params("lm" if kind == "sft" else "score"), True),
+        f"activations ({step['peak_tokens']} tokens, longest micro-batch)": activation_gb(shape, step["peak_tokens"]),
+    }
+    if kind == "sft":
+        mem[f"fp32 logits of {step['peak_labels']} labelled positions (x3: logits, softmax, grad)"] = 3 * 4 * step["peak_labels"] * shape.vocab / 1e9
+        stage, work = "SFT, 1 epoch", f"{steps} steps x {batch} rows, {step['tokens'] / batch:.0f} tokens/row ({step['padded_tokens'] / step['tokens'] - 1:.1%} padding)"
+    else:
+        stage, work = "RM, 1 epoch", f"{steps} steps x {batch} pairs, {step['tokens'] / (2 * batch):.0f} tokens/sequence"
+    efficiency_used = f"{cal['eff'][key]:.0%} ({cal['eff_source'][key]})"
+    details = {"steps": steps, "seconds_per_step": step_s, "tokens_per_s": step["tokens"] / step_s, **step}
+    return row(stage, shape, work, steps * step["flops"], steps * step_s, mem, cal["peak_gb"].get(key), efficiency_used), details
+
+
+def project_ppo(p: dict, lengths: LengthSample, cal: dict) -> tuple[list[dict], dict]:
+    """One PPO update of the recipe at Qwen2.5-0.5B, then 100k and 1M episodes of them."""
+    shape, peak, bandwidth, eff = QWEN_0_5B, SPARK["peak_bf16_flops"], SPARK["bandwidth"], cal["eff"]
+    context = expected_context(lengths, p["batch_size"])
+    w = ppo_update_work(shape, p["batch_size"], round(context), p)
+    decode = [(b, round(context) + t) for b in chunks(p["batch_size"], p["generation_batch_size"]) for t in range(p["response_length"] - 1)]
+    phases = {
+        "generation: prefill": seconds(w["prefill_flops"], 0, eff["prefill"]),
+        "generation: decoding": sum(max(decode_step_bytes(shape, b, c) / bandwidth, decode_step_flops(shape, b, c) / peak, cal["overhead"]) for b, c in decode),
+        "rollout forwards (4 models, no grad)": seconds(w["forward_flops"], w["forward_bytes"], eff["ppo_forward"]),
+        f"training ({p['ppo_epochs']} epochs, policy + value)": seconds(w["train_flops"], w["train_bytes"], eff["ppo_train"]),
+    }
+    update_s, T = sum(phases.values()), w["sequence_length"]
+    policy, value = shape.params("lm"), shape.params("score")
+    # training micro-batch: policy and value graphs alive together; fp32 (micro, R, vocab) logits
+    # x5 (logits, /T, log_softmax, entropy's softmax, grad). Rollout: the KV cache of a generation
+    # chunk x2 (torch.cat copies), fp32 logits of a forward chunk x3. The larger of the two counts.
+    train_mem = 2 * activation_gb(shape, p["micro_batch_size"] * T) + 5 * 4 * p["micro_batch_size"] * p["response_length"] * shape.vocab / 1e9
+    rollout_mem = 2 * kv_cache_bytes(shape, p["generation_batch_size"], T) / 1e9 + 3 * 4 * p["forward_batch_size"] * p["response_length"] * shape.vocab / 1e9
+    mem = {
+        "policy + value trainable (weights, grads, 8-bit AdamW, bf16 copy)": model_state_gb(policy, True) + model_state_gb(value, True),
+        "reference + reward model, bf16 frozen": model_state_gb(policy, False) + model_state_gb(value, False),
+        (f"training micro-batch ({p['micro_batch_size']} x {T} tokens, 2 models) + logits" if train_mem >= rollout_mem else "rollout KV cache + logits"): max(train_mem, rollout_mem),
+    }  # fmt: skip
+    flops = w["prefill_flops"] + w["decode_flops"] + w["forward_flops"] + w["train_flops"]
+    work = f"x {p['batch_size']} (4 models; FLOPs counted with queries padded to {context:.0f}, the rollout's longest)"
+    efficiency_used = f"fwd {eff['ppo_forward']:.0%} / train {eff['ppo_train']:.0%} ({cal['eff_source']['ppo_train']})"
+    rows = [
+        row(f"PPO, {episodes:,} episodes", shape, f"{episodes // p['batch_size']} updates {work}", episodes // p["batch_size"] * flops,
+            episodes // p["batch_size"] * update_s, mem, cal["peak_gb"].get("ppo"), efficiency_used)
+        for episodes in (100_000, 1_000_000)
+    ]  # fmt: skip
+    states = mem["policy + value trainable (weights, grads, 8-bit AdamW, bf16 copy)"] + mem["reference + reward model, bf16 frozen"]
+    details = {"seconds": update_s, "episodes_per_s": p["batch_size"] / update_s, "phases_s": phases, "work": w, "context_length": context,
+               "memory_gb": {"model_states": states, "training_activations_logits": train_mem, "rollout_kv_logits": rollout_mem}}  # fmt: skip
+    return rows, details
 
 
 def project(args) -> dict:
     lengths = load_lengths(Path(args.sample_dir) if args.sample_dir else None)
     recipe, recipe_source = recipe_defaults()
     bench, bench_note = read_bench(Path(args.bench_json))
-    peak, bandwidth = SPARK["peak_bf16_flops"], SPARK["bandwidth"]
+    cal, notes = calibrate(args, bench, bench_note)
+    sft_row, sft = project_training("sft", QWEN_0_5B, "sft", recipe["sft"], lengths, cal)
+    rm_row, rm = project_training("reward", QWEN_0_5B, "reward", recipe["reward"], lengths, cal)
+    rm15_row, rm15 = project_training("reward", QWEN_1_5B, "reward_1.5b", recipe["reward"], lengths, cal)
+    ppo_rows, ppo_update = project_ppo(recipe["ppo"], lengths, cal)
+    rows = [sft_row, rm_row, rm15_row, *ppo_rows]
     assumptions = [
-        f"GB10: {peak / 1e12:.0f} TFLOP/s BF16 (measured GEMM), {bandwidth / 1e9:.0f} GB/s (220-230 measured; spec {SPARK['bandwidth_spec'] / 1e9:.0f}), {SPARK['memory_visible_gb']} GB visible to CUDA",
-        f"token lengths: {lengths.source}; queries cut to {QUERY_BUDGET}, SFT responses to {SFT_RESPONSE_BUDGET}",
+        f"GB10: {SPARK['peak_bf16_flops'] / 1e12:.0f} TFLOP/s BF16 (measured GEMM), {SPARK['bandwidth'] / 1e9:.0f} GB/s (220-230 measured; spec {SPARK['bandwidth_spec'] / 1e9:.0f}), {SPARK['memory_visible_gb']} GB visible to CUDA",
+        f"token lengths: {lengths.source}; queries cut to {BUDGET.query}, SFT responses to {BUDGET.response}",
         f"recipe sizes: {recipe_source}; SFT {recipe['sft']['rows']:,} rows, RM {recipe['reward']['pairs']:,} pairs (full dataset sizes)",
         "reward pairs: one summary drawn from the sample's reference lengths, one from its 1.3B-PPO lengths (stand-in for the training pairs' policies)",
         "time per phase = FLOPs / (peak x efficiency) + non-FLOP bytes / bandwidth; decoding step = max(bytes / bandwidth, FLOPs / peak, host overhead)",
@@ -437,139 +524,13 @@ def project(args) -> dict:
         "bytes: " + "; ".join(f"{k} {v}" for k, v in BYTES.items() if not isinstance(v, dict)) + f"; optimizer step {BYTES['optimizer_step_per_param']['adamw8bit']} B/param (8-bit AdamW + clip)",
         "memory: trainable = fp32 weights 4 + fp32 grads 4 + 8-bit AdamW 2 + bf16 autocast copy 2 B/param; frozen bf16 2 B/param; "
         + f"activations {activation_bytes_per_token_layer(QWEN_0_5B) / 1e3:.1f} kB/token/layer at 0.5B, {activation_bytes_per_token_layer(QWEN_1_5B) / 1e3:.1f} at 1.5B (estimate: see activation_bytes_per_token_layer); + 1 GB CUDA context/workspace",
+        *notes,
     ]
-
-    # ---- efficiencies and host overhead: measured on the bench GPU, else assumed
-    eff = {"sft": args.assumed_efficiency, "reward": args.assumed_efficiency, "ppo_forward": args.assumed_efficiency, "ppo_train": args.assumed_efficiency, "prefill": args.assumed_efficiency}
-    eff_source = {k: "assumed" for k in eff}
-    overhead = args.assumed_step_overhead_ms / 1e3
-    overhead_source = "assumed"
-    measured_peak_gb: dict[str, float] = {}
-    measured = {}
-    if bench:
-        g_peak, g_bw, how = gpu_rates(bench)
-        assumptions.append(f"measured on {bench['device']['name']}: {how}; each efficiency in the table = counted FLOPs / (GPU peak x (measured time - bytes / GPU bandwidth)), applied to the GB10 unchanged (conservative: the same kernels are less launch-bound on a slower chip)")
-        m = bench.get("measurements", {})
-        for key, name in (("sft", "sft"), ("reward", "reward_0.5b")):
-            r = m.get(name) or {}
-            if r.get("seconds_timed"):
-                eff[key] = efficiency(r["flops_counted"], r["bytes_counted"], r["seconds_timed"], g_peak, g_bw)
-                eff_source[key] = f"measured ({name})"
-                measured_peak_gb[key] = r.get("peak_memory_allocated_gb")
-                measured[name] = {"tokens_per_s": r.get("tokens_nonpad_per_s"), "mfu_6N_spec": r.get("mfu_6N_spec")}
-        r15 = m.get("reward_1.5b") or {}
-        if r15.get("seconds_timed"):
-            eff["reward_1.5b"] = efficiency(r15["flops_counted"], r15["bytes_counted"], r15["seconds_timed"], g_peak, g_bw)
-            eff_source["reward_1.5b"] = "measured (reward_1.5b)"
-            measured_peak_gb["reward_1.5b"] = r15.get("peak_memory_allocated_gb")
-        ppo_runs = [m.get(k) for k in ("ppo_512", "ppo_64") if (m.get(k) or {}).get("timed_updates")]
-        if ppo_runs:
-            r = ppo_runs[0]
-            t = r["timed_means"]
-            w = r["work_per_update"]
-            eff["ppo_forward"] = efficiency(w["forward_flops"], w["forward_bytes"], t["rollout_forward_s"], g_peak, g_bw)
-            eff["ppo_train"] = efficiency(w["train_flops"], w["train_bytes"], t["train_s"], g_peak, g_bw)
-            eff_source["ppo_forward"] = eff_source["ppo_train"] = f"measured (ppo_{r['batch_size']})"
-            # generation: the prefill at the forward efficiency, the rest spread over the decode steps
-            decode_s = max(t["generation_s"] - w["prefill_flops"] / (g_peak * eff["ppo_forward"]), 0.0)
-            per_step = decode_s / max(w["decode_steps"], 1)
-            gpu_bound = max(w["decode_bytes"] / max(w["decode_steps"], 1) / g_bw, w["decode_flops"] / max(w["decode_steps"], 1) / g_peak)
-            overhead = per_step if per_step > gpu_bound else 0.0
-            overhead_source = f"measured (ppo_{r['batch_size']}: {per_step * 1e3:.1f} ms per decoding step, GPU roofline {gpu_bound * 1e3:.2f} ms)"
-            eff["prefill"], eff_source["prefill"] = eff["ppo_forward"], eff_source["ppo_forward"]
-            measured_peak_gb["ppo"] = r.get("peak_memory_allocated_gb")
-            measured[f"ppo_{r['batch_size']}"] = {"episodes_per_s": r.get("episodes_per_s"), "timed_means": t}
-    else:
-        assumptions.append(f"no GPU measurement ({bench_note}): every compute phase at an ASSUMED {args.assumed_efficiency:.0%} of the GB10 peak, host overhead per decoding step ASSUMED {args.assumed_step_overhead_ms:.0f} ms")
-    if args.efficiency is not None:
-        eff = {k: args.efficiency for k in eff}
-        eff_source = {k: "--efficiency" for k in eff}
-    eff.setdefault("reward_1.5b", eff["reward"])
-    eff_source.setdefault("reward_1.5b", f"as reward 0.5B ({eff_source['reward']})")
-    overhead *= args.host_overhead_scale
-    assumptions.append(f"host (Python + kernel launch) time per decoding step on the Spark's CPU = {args.host_overhead_scale} x the bench host's, or the assumed one: {overhead * 1e3:.1f} ms")
-    assumptions.append("peak memory on the Spark = the same allocations as on the bench GPU (same code, same micro-batches); the 'measured' column is the H100/H200 peak when present")
-
-    rows, details = [], {}
-
-    def add(stage: str, shape: Shape, work: str, flops: float, seconds: float, memory: dict, measured_gb: float | None, efficiency_used: str):
-        memory = {"CUDA context + workspace": 1.0, **memory}
-        total = sum(memory.values())
-        rows.append({
-            "stage": stage, "model": shape.name, "work": work, "pflop": flops / 1e15, "hours": seconds / 3600, "memory_gb_estimate": total,
-            "memory_gb_parts": memory, "memory_gb_measured": measured_gb, "fits": total < SPARK["memory_visible_gb"], "efficiency": efficiency_used,
-        })  # fmt: skip
-
-    # ---- SFT
-    s = recipe["sft"]
-    steps = s["epochs"] * (s["rows"] // s["batch_size"])
-    step = mean_step("sft", QWEN_0_5B, lengths, s["batch_size"], s["micro_batch_size"])
-    step_s = step["flops"] / (peak * eff["sft"]) + step["bytes"] / bandwidth
-    mem = {
-        "trainable model (weights, grads, 8-bit AdamW, bf16 copy)": model_state_gb(QWEN_0_5B.params("lm"), True),
-        f"activations ({step['peak_tokens']} tokens, longest micro-batch)": activation_gb(QWEN_0_5B, step["peak_tokens"]),
-        f"fp32 logits of {step['peak_labels']} labelled positions (x3: logits, softmax, grad)": 3 * 4 * step["peak_labels"] * QWEN_0_5B.vocab / 1e9,
-    }  # fmt: skip
-    add("SFT, 1 epoch", QWEN_0_5B, f"{steps} steps x {s['batch_size']} rows, {step['tokens'] / s['batch_size']:.0f} tokens/row ({step['padded_tokens'] / step['tokens'] - 1:.1%} padding)", steps * step["flops"], steps * step_s, mem, measured_peak_gb.get("sft"), f"{eff['sft']:.0%} ({eff_source['sft']})")
-    details["sft"] = {"steps": steps, "seconds_per_step": step_s, "tokens_per_s": step["tokens"] / step_s, **step}
-
-    # ---- reward model, 0.5B and 1.5B
-    r = recipe["reward"]
-    steps = r["epochs"] * (r["pairs"] // r["batch_size"])
-    for shape, key in ((QWEN_0_5B, "reward"), (QWEN_1_5B, "reward_1.5b")):
-        step = mean_step("reward", shape, lengths, r["batch_size"], r["micro_batch_size"])
-        step_s = step["flops"] / (peak * eff[key]) + step["bytes"] / bandwidth
-        mem = {
-            "trainable model (weights, grads, 8-bit AdamW, bf16 copy)": model_state_gb(shape.params("score"), True),
-            f"activations ({step['peak_tokens']} tokens, longest micro-batch)": activation_gb(shape, step["peak_tokens"]),
-        }  # fmt: skip
-        add("RM, 1 epoch", shape, f"{steps} steps x {r['batch_size']} pairs, {step['tokens'] / (2 * r['batch_size']):.0f} tokens/sequence", steps * step["flops"], steps * step_s, mem, measured_peak_gb.get(key), f"{eff[key]:.0%} ({eff_source[key]})")
-        details[key] = {"steps": steps, "seconds_per_step": step_s, "tokens_per_s": step["tokens"] / step_s, **step}
-
-    # ---- PPO: one update, then 100k and 1M episodes
-    p = recipe["ppo"]
-    context = expected_context(lengths, p["batch_size"])
-    w = ppo_update_work(QWEN_0_5B, p["batch_size"], round(context), p)
-    chunks = [min(p["generation_batch_size"], p["batch_size"] - s0) for s0 in range(0, p["batch_size"], p["generation_batch_size"])]
-    decode_s = 0.0
-    for b in chunks:
-        for t in range(p["response_length"] - 1):
-            c = round(context) + t
-            decode_s += max(decode_step_bytes(QWEN_0_5B, b, c) / bandwidth, decode_step_flops(QWEN_0_5B, b, c) / peak, overhead)
-    phases = {
-        "generation: prefill": w["prefill_flops"] / (peak * eff["prefill"]),
-        "generation: decoding": decode_s,
-        "rollout forwards (4 models, no grad)": w["forward_flops"] / (peak * eff["ppo_forward"]) + w["forward_bytes"] / bandwidth,
-        f"training ({p['ppo_epochs']} epochs, policy + value)": w["train_flops"] / (peak * eff["ppo_train"]) + w["train_bytes"] / bandwidth,
-    }
-    update_s = sum(phases.values())
-    T = w["sequence_length"]
-    policy_params, value_params = QWEN_0_5B.params("lm"), QWEN_0_5B.params("score")
-    states = model_state_gb(policy_params, True) + model_state_gb(value_params, True) + model_state_gb(policy_params, False) + model_state_gb(value_params, False)
-    # training micro-batch: policy and value graphs alive together; fp32 (micro, R, vocab) logits
-    # x5 (logits, /T, log_softmax, entropy's softmax, grad). Rollout: the KV cache of a generation
-    # chunk x2 (torch.cat copies), fp32 logits of a forward chunk x3. The larger of the two counts.
-    train_mem = 2 * activation_gb(QWEN_0_5B, p["micro_batch_size"] * T) + 5 * 4 * p["micro_batch_size"] * p["response_length"] * QWEN_0_5B.vocab / 1e9
-    rollout_mem = 2 * kv_cache_bytes(QWEN_0_5B, p["generation_batch_size"], T) / 1e9 + 3 * 4 * p["forward_batch_size"] * p["response_length"] * QWEN_0_5B.vocab / 1e9
-    ppo_mem = {
-        "policy + value trainable (weights, grads, 8-bit AdamW, bf16 copy)": model_state_gb(policy_params, True) + model_state_gb(value_params, True),
-        "reference + reward model, bf16 frozen": model_state_gb(policy_params, False) + model_state_gb(value_params, False),
-        (f"training micro-batch ({p['micro_batch_size']} x {T} tokens, 2 models) + logits" if train_mem >= rollout_mem else "rollout KV cache + logits"): max(train_mem, rollout_mem),
-    }  # fmt: skip
-    for episodes in (100_000, 1_000_000):
-        updates = episodes // p["batch_size"]
-        add(
-            f"PPO, {episodes:,} episodes", QWEN_0_5B, f"{updates} updates x {p['batch_size']} (4 models; FLOPs counted with queries padded to {context:.0f}, the rollout's longest)",
-            updates * (w["prefill_flops"] + w["decode_flops"] + w["forward_flops"] + w["train_flops"]), updates * update_s, ppo_mem, measured_peak_gb.get("ppo"),
-            f"fwd {eff['ppo_forward']:.0%} / train {eff['ppo_train']:.0%} ({eff_source['ppo_train']})",
-        )  # fmt: skip
-    details["ppo_update"] = {"seconds": update_s, "episodes_per_s": p["batch_size"] / update_s, "phases_s": phases, "work": w, "context_length": context,
-                             "memory_gb": {"model_states": states, "training_activations_logits": train_mem, "rollout_kv_logits": rollout_mem}}  # fmt: skip
-    total = sum(row["hours"] for row in rows if row["stage"].startswith("SFT") or (row["stage"].startswith("RM") and row["model"] == QWEN_1_5B.name) or row["stage"] == "PPO, 1,000,000 episodes")
     return {
-        "spark": SPARK, "bench": bench_note, "measured": measured, "efficiency": eff, "efficiency_source": eff_source, "host_overhead_per_decode_step_s": overhead,
-        "host_overhead_source": overhead_source, "lengths": lengths.summary(), "recipe": recipe, "rows": rows, "details": details,
-        "total_hours_sft_rm1.5b_ppo1m": total, "assumptions": assumptions,
+        "spark": SPARK, "bench": bench_note, "measured": cal["measured"], "efficiency": cal["eff"], "efficiency_source": cal["eff_source"],
+        "host_overhead_per_decode_step_s": cal["overhead"], "host_overhead_source": cal["overhead_source"], "lengths": lengths.summary(), "recipe": recipe,
+        "rows": rows, "details": {"sft": sft, "reward": rm, "reward_1.5b": rm15, "ppo_update": ppo_update},
+        "total_hours_sft_rm1.5b_ppo1m": sft_row["hours"] + rm15_row["hours"] + ppo_rows[1]["hours"], "assumptions": assumptions,
     }  # fmt: skip
 
 
@@ -578,29 +539,23 @@ def markdown(result: dict) -> str:
     out.append("| stage | model | work | PFLOP | projected time | est. peak memory | measured peak (bench GPU) | compute efficiency |")
     out.append("|---|---|---|---|---|---|---|---|")
     for r in result["rows"]:
-        hours = r["hours"]
-        when = f"{hours:.1f} h" if hours >= 1 else f"{hours * 60:.0f} min"
+        when = f"{r['hours']:.1f} h" if r["hours"] >= 1 else f"{r['hours'] * 60:.0f} min"
         measured = f"{r['memory_gb_measured']:.1f} GB" if r["memory_gb_measured"] else "-"
         fits = "" if r["fits"] else " (over 119.7 GB!)"
         out.append(f"| {r['stage']} | {r['model']} | {r['work']} | {r['pflop']:,.1f} | {when} | {r['memory_gb_estimate']:.1f} GB{fits} | {measured} | {r['efficiency']} |")
     out.append("\nMemory estimate, by part (GB):\n")
     out.append("| stage | model | part | GB |")
     out.append("|---|---|---|---|")
-    seen = set()
-    for r in result["rows"]:
-        key = (r["stage"].split(",")[0], r["model"])
-        if key in seen:
-            continue
-        seen.add(key)
-        for part, gb in r["memory_gb_parts"].items():
-            out.append(f"| {key[0]} | {key[1]} | {part} | {gb:.1f} |")
-    out.append(f"\nSFT + RM (1.5B) + PPO (1M episodes): {result['total_hours_sft_rm1.5b_ppo1m']:.1f} h ({result['total_hours_sft_rm1.5b_ppo1m'] / 24:.1f} days).\n")
+    parts = {(r["stage"].split(",")[0], r["model"]): r["memory_gb_parts"] for r in reversed(result["rows"])}  # the first row of each stage
+    for (stage, model), memory in reversed(parts.items()):
+        out.extend(f"| {stage} | {model} | {part} | {gb:.1f} |" for part, gb in memory.items())
+    total = result["total_hours_sft_rm1.5b_ppo1m"]
+    out.append(f"\nSFT + RM (1.5B) + PPO (1M episodes): {total:.1f} h ({total / 24:.1f} days).\n")
     u = result["details"]["ppo_update"]
     out.append(f"One PPO update of {result['recipe']['ppo']['batch_size']} episodes: {u['seconds']:.1f} s ({u['episodes_per_s']:.2f} episodes/s)\n")
     out.append("| phase | seconds | share |")
     out.append("|---|---|---|")
-    for name, s in u["phases_s"].items():
-        out.append(f"| {name} | {s:.1f} | {s / u['seconds']:.0%} |")
+    out.extend(f"| {name} | {s:.1f} | {s / u['seconds']:.0%} |" for name, s in u["phases_s"].items())
     out.append("\nThroughputs: " + ", ".join(f"{k} {result['details'][k]['tokens_per_s']:,.0f} tokens/s" for k in ("sft", "reward", "reward_1.5b")) + "\n")
     out.append("Assumptions:\n")
     out.extend(f"- {a}" for a in result["assumptions"])
