@@ -22,9 +22,10 @@ def parse(config_cls: type[C], args: list[str] | None = None, presets: dict[str,
     if presets and "--preset" in args:
         i = args.index("--preset")
         name = args[i + 1] if i + 1 < len(args) else ""
-        if name not in presets:
-            sys.exit(f"error: --preset must be one of {sorted(presets)}")
-        default = config_cls(**presets[name])
+        plain = getattr(config_cls, "preset", None)  # the field's default (e.g. spark): the Config defaults themselves
+        if name not in presets and name != plain:
+            sys.exit(f"error: --preset must be one of {sorted([*presets, *([plain] if plain else [])])}")
+        default = config_cls(**presets[name]) if name in presets else None
     return tyro.cli(config_cls, args=args, default=default)
 
 

@@ -33,8 +33,17 @@ def check_checkpoint(path: str, want: str) -> None:
     p = Path(path).expanduser()
     if path.startswith((".", "/", "~")) and not p.exists():
         raise InputError(f"checkpoint {path} does not exist")
-    if not p.exists():
-        return  # a Hub name: from_pretrained reports what is wrong
+    if not p.exists():  # a Hub name: a typo must stop here, before minutes of data processing
+        try:
+            archs = AutoConfig.from_pretrained(path).architectures or []
+        except (OSError, ValueError) as e:
+            first = (str(e).splitlines() or [""])[0][:200]
+            raise InputError(
+                f"{path} is not a local checkpoint and not a model on the Hugging Face Hub ({first}): check the name; offline (HF_HUB_OFFLINE=1) it must be in the cache"
+            ) from None
+        if want == "reward" and not any(a.endswith("ForSequenceClassification") for a in archs):
+            raise InputError(f"{path} holds {archs or 'no architecture'}, not a reward model: pass reward.py's output directory")
+        return
     if not (p / "config.json").exists():
         raise InputError(f"{path} is not a Hugging Face checkpoint (no config.json): pass the stage's output directory")
     archs = AutoConfig.from_pretrained(str(p)).architectures or []
@@ -44,7 +53,9 @@ def check_checkpoint(path: str, want: str) -> None:
         raise InputError(f"{path} is a reward model ({archs[0]}), not a policy: pass sft.py's or ppo.py's output directory")
     # a kill during an export leaves config.json without weights; a damaged disk, a cut file
     weights = sorted(p.glob("*.safetensors"))
-    if not weights and not any(p.glob("pytorch_model*.bin")):
+    if not weights and any(p.glob("pytorch_model*.bin")):  # pickle: loading it can run code
+        raise InputError(f"{path} holds only pickle weights (pytorch_model*.bin), and only safetensors are loaded: re-save it with save_pretrained(..., safe_serialization=True)")
+    if not weights:
         raise InputError(f"{path} has no model weights (model.safetensors): rerun the stage that wrote it (with --resume), or delete that checkpoint directory")
     for file in weights:
         try:
@@ -198,7 +209,7 @@ def load_policy(
     attention: PackedAttention = PACKED_SDPA,
 ) -> PreTrainedModel:  # fmt: skip
     check_checkpoint(path, "policy")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention, revision=revision)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention, revision=revision, use_safetensors=True)
     fit_embeddings(model, tokenizer)
     return model.to(device)
 
@@ -213,7 +224,7 @@ def load_reward_model(
     if new_head:
         transformers.logging.set_verbosity_error()  # "score.weight MISSING" is the point: we init it next
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype, attn_implementation=attention)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype, attn_implementation=attention, use_safetensors=True)
     finally:
         transformers.logging.set_verbosity(verbosity)
     if new_head:

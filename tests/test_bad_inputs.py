@@ -268,7 +268,29 @@ def _(t):
 
 @case("sft/unknown-preset")
 def _(t):
-    return ["sft.py", "--preset", "tiny", "--output-dir", t.tmp / "out"], ["--preset must be one of ['smoke']"]
+    return ["sft.py", "--preset", "tiny", "--output-dir", t.tmp / "out"], ["--preset must be one of ['smoke', 'spark']"]
+
+
+@case("sft/preset-spark-with-a-missing-dataset")
+def _(t):
+    """`--preset spark`, which --help lists, is taken (the defaults): the error is the dataset's."""
+    missing = t.tmp / "nope.jsonl"
+    return ["sft.py", "--preset", "spark", "--model", t.sft_out, "--dataset", missing, "--output-dir", t.tmp / "out"], [f"dataset path {missing} does not exist"]
+
+
+@case("sft/unknown-hub-dataset")
+def _(t):
+    return ["sft.py", *SFT_SHORT, "--dataset", "nobody/no_such_dataset", "--output-dir", t.tmp / "out"], [
+        "dataset nobody/no_such_dataset is not a local path and could not be loaded from the Hugging Face Hub",
+        "check the name",
+    ]
+
+
+@case("sft/resume-checkpoint-without-run-config")
+def _(t):
+    out = t.copy_of(t.sft_out, "run")
+    (out / "checkpoints" / "step_000004" / "run_config.json").unlink()
+    return ["sft.py", *SFT_SHORT, "--output-dir", out, "--resume"], [f"{out / 'checkpoints' / 'step_000004'} has no run_config.json", "delete that directory"]
 
 
 @case("sft/nonexistent-dataset")
@@ -384,6 +406,33 @@ def _(t):
 @case("reward/eval-only-without-reward-path")
 def _(t):
     return ["reward.py", "--preset", "smoke", "--eval-only", "--output-dir", t.tmp / "out"], ["--eval-only needs --reward-path DIR"]
+
+
+@case("reward/mistyped-base-model")
+def _(t):
+    """Checked before the data: the dataset given here does not exist either, and is not what stops it."""
+    return ["reward.py", "--preset", "smoke", "--sft-path", t.sft_out, "--base-model", "Qwen/Qwen2.5-1.5Bx", "--dataset", t.tmp / "nope.jsonl",
+            "--output-dir", t.tmp / "out"], ["Qwen/Qwen2.5-1.5Bx is not a local checkpoint and not a model on the Hugging Face Hub", "check the name"]  # fmt: skip
+
+
+@case("reward/pickle-only-checkpoint")
+def _(t):
+    """Weights as pytorch_model.bin only (pickle: loading can run code): refused, safetensors only."""
+    import torch
+    from safetensors.torch import load_file
+
+    sft = t.copy_of(t.sft_out, "pickled")
+    torch.save(load_file(str(sft / "model.safetensors")), sft / "pytorch_model.bin")
+    (sft / "model.safetensors").unlink()
+    return ["reward.py", "--preset", "smoke", "--sft-path", sft, "--output-dir", t.tmp / "out"], [f"{sft} holds only pickle weights (pytorch_model*.bin)", "safetensors"]
+
+
+@case("reward/eval-only-over-a-training-run")
+def _(t):
+    run = t.copy_of(t.reward_checkpoint, "run")  # a finished run: model.safetensors at its root
+    return ["reward.py", "--preset", "smoke", "--eval-only", "--reward-path", t.reward_checkpoint, "--output-dir", run], [
+        f"--output-dir {run} holds a training run", "pass another --output-dir"
+    ]
 
 
 @case("reward/policy-as-reward-path")

@@ -193,6 +193,19 @@ def test_smoke_run_learns_from_where_it_started(reward_smoke_dir, sft_smoke_dir)
 
 
 @pytest.mark.slow
+def test_step_0_accuracy_is_logged_and_reported_beside_the_length_rule(reward_smoke_dir):
+    """Issue 14: the untrained head's validation accuracy at step 0, step 0 -> end in the report,
+    and the final accuracy with its 95% interval beside "the longer summary wins"."""
+    records = read_metrics(reward_smoke_dir / "metrics.jsonl")
+    assert any(r["step"] == 0 and "val/accuracy" in r for r in records)
+    final = [r for r in records if "eval/validation/accuracy" in r][-1]
+    assert final["eval/validation/accuracy_ci_low"] <= final["eval/validation/accuracy"] <= final["eval/validation/accuracy_ci_high"]
+    assert 0.0 <= final["eval/validation/length_rule_accuracy"] <= 1.0
+    report = (reward_smoke_dir / "report.md").read_text()
+    assert "step 0 " in report and "-> end" in report and '"the longer summary wins"' in report
+
+
+@pytest.mark.slow
 def test_smoke_run_saves_a_plain_hf_reward_model(reward_smoke_dir):
     metrics = final_metrics(reward_smoke_dir)
     model = AutoModelForSequenceClassification.from_pretrained(str(reward_smoke_dir))  # plain HF, no project code
@@ -254,6 +267,24 @@ def test_eval_only_on_gpt4_judged_real_pairs(reward_smoke_dir, tmp_path):
     assert final_metrics(out)["eval/validation/margin"] == pytest.approx(float((chosen - rejected).mean()), abs=1e-4)
     assert (out / "calibration_validation.png").stat().st_size > 0
     assert not (out / "model.safetensors").exists()  # evaluation writes no model
+
+
+def test_eval_only_writes_beside_the_run_and_leaves_the_run_alone(tiny_model_dir, tokenizer, tmp_path):
+    """README's `--eval-only --reward-path out/reward` without --output-dir: the report goes to
+    out/reward-eval; the reward run's own metrics.jsonl and report.md stay as they were."""
+    rm = tmp_path / "reward"
+    torch.manual_seed(0)
+    load_reward_model(str(tiny_model_dir), tokenizer, new_head=True).save_pretrained(rm)
+    tokenizer.save_pretrained(rm)
+    before = {name: "training run's " + name for name in ("metrics.jsonl", "report.md")}
+    for name, text in before.items():
+        (rm / name).write_text(text)
+    validation = [line for line in tiny.COMPARISONS_FILE.read_text().splitlines() if json.loads(line)["split"] != "train"][:4]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(validation) + "\n")
+    run_stage("reward.py", "--eval-only", "--reward-path", rm, "--dataset", tmp_path / "pairs.jsonl", "--device", "cpu")
+    assert {name: (rm / name).read_text() for name in before} == before
+    assert "# Reward model evaluation" in (tmp_path / "reward-eval" / "report.md").read_text()
+    assert "eval/validation/accuracy" in final_metrics(tmp_path / "reward-eval")
 
 
 def test_eval_only_with_a_policy_checkpoint_is_a_one_line_error(tiny_model_dir, tmp_path):
