@@ -3,7 +3,7 @@
     python reward.py --sft-path out/sft                                 # backbone from SFT (N+)
     python reward.py --sft-path out/sft --base-model Qwen/Qwen2.5-1.5B  # the seed's better RM
     python reward.py --preset smoke --sft-path out/smoke/sft --output-dir out/smoke/reward
-    python reward.py --eval-only --reward-path out/reward --dataset comparisons.jsonl
+    python reward.py --eval-only --reward-path out/reward --dataset comparisons.jsonl  # -> out/reward-eval
 
 Writes OUT/ (an AutoModelForSequenceClassification checkpoint, num_labels=1, safetensors; no
 remote code), OUT/checkpoints/, OUT/metrics.jsonl, OUT/report.md with accuracy by split,
@@ -13,7 +13,7 @@ The score of a query+response is the head's output at its last token, the EOS (N
 read by `models.get_score`, the one function PPO and evaluation also call. The loss is
 -log sigmoid(score_chosen - score_rejected); each query runs once and both summaries run on its KV cache
 (`models.get_pair_scores`: half the tokens, the same scores and gradients as two full rows). After
-training the reference summaries of the SFT split are scored and their mean is subtracted
+training the reference summaries of the SFT split (8,192 random rows by default) are scored and their mean is subtracted
 (N+ detail 12). Qwen2's classification head has no bias term, so the offset is stored as
 `config.score_bias` and added by `get_score`; plain `from_pretrained(...)(...).logits` gives the
 raw, unnormalised score (add `model.config.score_bias` yourself).
@@ -64,8 +64,9 @@ class Config:
     """raw comparisons (Hub or local files, processed now) or a processed preference dataset"""
     sft_dataset: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
     """SFT data whose reference summaries set the normalisation offset"""
-    output_dir: str = "out/reward"
-    """where the model, checkpoints, metrics and report go"""
+    output_dir: str | None = None
+    """where the model, checkpoints, metrics and report go (default: out/reward; with --eval-only:
+    REWARD_PATH-eval, never a training run's directory)"""
     epochs: int = 1
     """passes over the training comparisons"""
     max_steps: int | None = None
@@ -261,10 +262,15 @@ def main(cfg: Config) -> None:
     # ---- setup
     runtime = setup_runtime(cfg.device, cfg.precision, tiny_model=cfg.preset == "smoke")
     seed_everything(cfg.seed)
-    out = make_output_dir(cfg.output_dir)
-    config = dataclasses.asdict(cfg)
     if cfg.eval_only and not cfg.reward_path:
         raise InputError("--eval-only needs --reward-path DIR (a reward.py output directory)")
+    output_dir = cfg.output_dir or "out/reward"
+    if cfg.eval_only:  # an evaluation writes metrics.jsonl and report.md: never over a training run's
+        output_dir = cfg.output_dir or f"{cfg.reward_path.rstrip('/')}-eval"
+        if any((Path(output_dir).expanduser() / name).exists() for name in ("model.safetensors", "checkpoints")):
+            raise InputError(f"--output-dir {output_dir} holds a training run, whose metrics and report --eval-only would overwrite: pass another --output-dir")
+    out = make_output_dir(output_dir)
+    config = dataclasses.asdict(cfg)
     # fail on a wrong checkpoint before minutes of data processing
     if cfg.eval_only:
         check_checkpoint(cfg.reward_path, "reward")

@@ -183,6 +183,19 @@ def response_ids(tokenizer, texts: list[str], max_len: int, long_response: str) 
 # loading raw and processed data
 
 
+def load_hub_dataset(name: str, *args, **kwargs) -> datasets.DatasetDict:
+    """`datasets.load_dataset` of a Hub name; a name the Hub does not have (or, offline, the
+    cache does not hold) stops with one line."""
+    try:
+        return datasets.load_dataset(name, *args, **kwargs)
+    except (ConnectionError, FileNotFoundError) as e:  # DatasetNotFoundError is a FileNotFoundError
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise InputError(
+            f"dataset {name} is not a local path and could not be loaded from the Hugging Face Hub ({first}): "
+            "check the name; offline (HF_HUB_OFFLINE=1) it must be in the cache"
+        ) from None
+
+
 def load_raw(dataset: str, config_name: str | None = None, split: str = "train", revision: str | None = None) -> datasets.DatasetDict:
     """A Hub dataset, or local .jsonl/.json/.parquet files in the same schema.
 
@@ -205,7 +218,7 @@ def load_raw(dataset: str, config_name: str | None = None, split: str = "train",
     if dataset.startswith((".", "/", "~")) or Path(dataset).suffix in LOCAL_SUFFIXES:
         raise InputError(f"dataset path {dataset} does not exist")
     try:
-        return datasets.load_dataset(dataset, config_name, revision=revision)
+        return load_hub_dataset(dataset, config_name, revision=revision)
     except RuntimeError as e:
         if "scripts are no longer supported" not in str(e):
             raise
@@ -262,7 +275,7 @@ def load_processed(dataset: str, splits: tuple[str, ...], revision: str | None =
     else:
         if dataset.startswith((".", "/", "~")):
             raise InputError(f"dataset path {dataset} does not exist")
-        loaded = datasets.load_dataset(dataset, revision=revision)
+        loaded = load_hub_dataset(dataset, revision=revision)
     missing = [s for s in splits if s not in loaded]
     if missing:
         raise InputError(f"{dataset}: split(s) {missing} missing (has {list(loaded)})")
