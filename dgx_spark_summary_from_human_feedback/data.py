@@ -183,6 +183,24 @@ def response_ids(tokenizer, texts: list[str], max_len: int, long_response: str) 
 # loading raw and processed data
 
 
+# The Hub's declared schemas of the raw datasets. Local files are read with these, not with a
+# schema guessed per file: a guess turns a column that is null throughout one file (the release's
+# `note`, `extra.confidence`) into type "null", and the next file's values then cannot be cast.
+_STRING, _INT = datasets.Value("string"), datasets.Value("int32")
+SFT_FEATURES = datasets.Features({"id": _STRING, "subreddit": _STRING, "title": _STRING, "post": _STRING, "summary": _STRING})
+COMPARISON_FEATURES = datasets.Features(
+    {
+        "info": {"id": _STRING, "post": _STRING, "title": _STRING, "subreddit": _STRING, "site": _STRING, "article": _STRING},
+        "summaries": datasets.List({"text": _STRING, "policy": _STRING, "note": _STRING}),
+        "choice": _INT,
+        "worker": _STRING,
+        "batch": _STRING,
+        "split": _STRING,
+        "extra": {"confidence": _INT},
+    }
+)  # openai/summarize_from_feedback, config "comparisons"
+
+
 def load_hub_dataset(name: str, *args, **kwargs) -> datasets.DatasetDict:
     """`datasets.load_dataset` of a Hub name; a name the Hub does not have (or, offline, the
     cache does not hold) stops with one line."""
@@ -196,17 +214,20 @@ def load_hub_dataset(name: str, *args, **kwargs) -> datasets.DatasetDict:
         ) from None
 
 
-def load_raw(dataset: str, config_name: str | None = None, split: str = "train", revision: str | None = None) -> datasets.DatasetDict:
+def load_raw(
+    dataset: str, config_name: str | None = None, split: str | None = None, revision: str | None = None, features: datasets.Features | None = None
+) -> datasets.DatasetDict:
     """A Hub dataset, or local .jsonl/.json/.parquet files in the same schema.
 
-    A local file becomes the split `split`; a local directory gives one split per file stem
-    (`train.jsonl`, `validation.jsonl`, ...).
+    A local file becomes the split `split` (default: its file stem); a local directory gives one
+    split per file stem (`train.jsonl`, `validation.jsonl`, ...). Local files are read one by one
+    with `features` (the Hub schema: SFT_FEATURES, COMPARISON_FEATURES) for the columns they hold.
     """
     path = Path(dataset).expanduser()
     if path.is_file():
         if path.suffix not in LOCAL_SUFFIXES:
             raise InputError(f"{dataset}: unsupported file type {path.suffix!r}, use .jsonl, .json or .parquet")
-        return _load_files(LOCAL_SUFFIXES[path.suffix], {split: str(path)}, dataset)
+        return _load_files({split or path.stem: str(path)}, dataset, features)
     if path.is_dir():
         files = {p.stem: str(p) for p in sorted(path.iterdir()) if p.suffix in LOCAL_SUFFIXES}
         if not files:
@@ -214,7 +235,7 @@ def load_raw(dataset: str, config_name: str | None = None, split: str = "train",
         builders = {LOCAL_SUFFIXES[Path(f).suffix] for f in files.values()}
         if len(builders) > 1:
             raise InputError(f"{dataset}: mixes JSON and Parquet files; keep one format per directory")
-        return _load_files(builders.pop(), files, dataset)
+        return _load_files(files, dataset, features)
     if dataset.startswith((".", "/", "~")) or Path(dataset).suffix in LOCAL_SUFFIXES:
         raise InputError(f"dataset path {dataset} does not exist")
     try:
@@ -227,39 +248,83 @@ def load_raw(dataset: str, config_name: str | None = None, split: str = "train",
         return datasets.load_dataset(dataset, config_name, revision="refs/convert/parquet")
 
 
-def _load_files(builder: str, files: dict[str, str], dataset: str) -> datasets.DatasetDict:
+def _load_files(files: dict[str, str], dataset: str, features: datasets.Features | None) -> datasets.DatasetDict:
+    """Each file on its own (one file's types never constrain another's), with the declared
+    features of the columns it holds; a file with columns outside the schema is read as it is."""
+    loaded = {}
     for split, file in files.items():
+        builder = LOCAL_SUFFIXES[Path(file).suffix]
         if Path(file).stat().st_size == 0:
             raise InputError(f"{file}: file is empty (split {split!r})")
-    verbosity = datasets.logging.get_verbosity()
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # the JSON builder logs its parse error too: we print one line
-    try:
-        loaded = datasets.load_dataset(builder, data_files=files)
-    except Exception as e:  # noqa: BLE001 - any parser failure becomes one line naming the file
-        _check_json_lines(files)
-        cause = e
-        while cause.__cause__ is not None:  # "An error occurred while generating the dataset" wraps the parser's own message
-            cause = cause.__cause__
-        raise InputError(f"{dataset}: cannot be read as {builder} ({type(cause).__name__}: {(str(cause).splitlines() or [''])[0][:200]})") from None
-    finally:
-        datasets.logging.set_verbosity(verbosity)
-    for split, ds in loaded.items():
+        declared = None
+        if features is not None and file.endswith(".jsonl"):
+            columns = _check_json_lines(file, features)  # also names a value of the wrong type, by line and field
+            if columns <= set(features):
+                declared = datasets.Features({k: v for k, v in features.items() if k in columns})
+        verbosity = datasets.logging.get_verbosity()
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # the JSON builder logs its parse error too: we print one line
+        try:
+            ds = datasets.load_dataset(builder, data_files={split: file}, features=declared)[split]
+            if features is not None and declared is None and set(ds.column_names) <= set(features):  # .json / .parquet
+                ds = ds.cast(datasets.Features({k: v for k, v in features.items() if k in ds.column_names}))
+        except Exception as e:  # noqa: BLE001 - any parser failure becomes one line naming the file
+            if file.endswith(".jsonl"):
+                _check_json_lines(file, None)
+            cause = e
+            while cause.__cause__ is not None:  # "An error occurred while generating the dataset" wraps the parser's own message
+                cause = cause.__cause__
+            raise InputError(f"{file}: cannot be read as {builder} ({type(cause).__name__}: {(str(cause).splitlines() or [''])[0][:200]})") from None
+        finally:
+            datasets.logging.set_verbosity(verbosity)
         if len(ds) == 0:
-            raise InputError(f"{files[split]}: split {split!r} is empty")
-    return loaded
+            raise InputError(f"{file}: split {split!r} is empty")
+        loaded[split] = ds
+    return datasets.DatasetDict(loaded)
 
 
-def _check_json_lines(files: dict[str, str]) -> None:
-    """Name the first line of a .jsonl file that is not JSON (the parser only counts rows)."""
-    for file in (f for f in files.values() if f.endswith(".jsonl")):
-        with open(file, encoding="utf-8", errors="replace") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{file} line {n}: not JSON ({e.msg}): fix or delete that line") from None
+_EXPECTED = {"string": (str, "a string"), "int32": (int, "an integer"), "int64": (int, "an integer")}
+
+
+def _type_error(value, feature, where: str) -> str | None:
+    """Why `value` (parsed JSON) does not fit `feature`, naming the field; None if it fits."""
+    if value is None:
+        return None  # missing values are the row checks' business: they name the field too
+    if isinstance(feature, dict):
+        if not isinstance(value, dict):
+            return f"field '{where}' is {type(value).__name__}, expected an object"
+        return next((e for k, f in feature.items() if (e := _type_error(value.get(k), f, f"{where}.{k}"))), None)
+    if isinstance(feature, (datasets.List, list)):
+        if not isinstance(value, list):
+            return f"field '{where}' is {type(value).__name__}, expected a list"
+        item = feature.feature if isinstance(feature, datasets.List) else feature[0]
+        return next((e for i, v in enumerate(value) if (e := _type_error(v, item, f"{where}[{i}]"))), None)
+    kind, name = _EXPECTED.get(getattr(feature, "dtype", ""), (object, "a value"))
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+        return f"field '{where}' is {type(value).__name__}, expected {name}"
+    return None
+
+
+def _check_json_lines(file: str, features: datasets.Features | None) -> set[str]:
+    """The top-level keys of a .jsonl file; names the first line that is not JSON, and (with
+    `features`) the first value whose type the schema cannot hold (a number where text belongs)."""
+    columns: set[str] = set()
+    with open(file, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{file} line {n}: not JSON ({e.msg}): fix or delete that line") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{file} line {n}: a JSON {type(row).__name__}, not an object: one row per line")
+            columns.update(row)
+            if features is not None:
+                error = next((e for k, f in features.items() if (e := _type_error(row.get(k), f, k))), None)
+                if error:
+                    info = row.get("info") if isinstance(row.get("info"), dict) else row
+                    raise InputError(f"{file} line {n}: row {info.get('id', '?')}: {error}: fix that row")
+    return columns
 
 
 def load_processed(dataset: str, splits: tuple[str, ...], revision: str | None = None) -> datasets.DatasetDict:

@@ -19,6 +19,8 @@ from transformers import PreTrainedTokenizerBase
 from .checkpoint import make_output_dir
 from .data import (
     CNNDM_QUERY_FORMAT,
+    COMPARISON_FEATURES,
+    SFT_FEATURES,
     QUERY_FORMAT,
     Lengths,
     check_pad_is_not_eos,
@@ -111,6 +113,8 @@ class Report:
     rows_out: Counter = field(default_factory=Counter)
     truncated: Counter = field(default_factory=Counter)
     dropped: Counter = field(default_factory=Counter)
+    relabelled: Counter = field(default_factory=Counter)
+    """rows whose own `split` field disagreed with the file they came from (the file decides)"""
 
 
 def _query_response(query_ids: list[int], response_ids: list[int], total: int, pad_id: int) -> tuple[list[int], list[int]]:
@@ -205,9 +209,19 @@ SFT_COLUMNS = [
 ]  # fmt: skip
 
 
+# A source (a Hub split, a local file) with one of these names decides the split of all its rows.
+NAMED_SPLITS = ("train", "validation", "valid1", "valid2", "test", "validation_cnndm")
+
+
 def comparison_split(row: dict, source_split: str) -> str:
-    """N+ splits: train, validation, and validation_cnndm for the CNN/DM batches."""
-    split = row.get("split") or source_split
+    """N+ splits: train, validation, and validation_cnndm for the CNN/DM batches.
+
+    The file a row comes from decides (train.jsonl -> train, validation.jsonl -> validation),
+    whatever the row's own `split` field says: the original release's rows say "valid1" or
+    "valid2", and obeying them emptied a user's train split (issue 14). Rows of a source that is
+    not named as a split (a single file, OpenAI's batch files) go by their own field, default train.
+    """
+    split = source_split if source_split in NAMED_SPLITS else (row.get("split") or "train")
     if split == "train":
         return "train"
     return "validation_cnndm" if row.get("batch") in CNNDM_BATCHES else "validation"
@@ -236,6 +250,9 @@ def process_comparisons(
             if comparison_split(row, source_split) != target:
                 continue
             report.rows_in[target] += 1
+            own = row.get("split")
+            if source_split in NAMED_SPLITS and own and (own == "train") != (target == "train"):
+                report.relabelled[f"{source_split} (rows say {own!r})"] += 1
             try:
                 valid.append((row, *comparison_query_fields(row), *comparison_pair(row)))
             except InputError as e:
@@ -297,6 +314,10 @@ def process_comparisons(
             )
             if len(part):
                 parts.setdefault(target, []).append(part)
+    for target in targets:  # rows went in but none came out: stop here, not in a stage's missing split
+        if report.rows_in[target] and target not in parts:
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(report.dropped.items()))
+            raise InputError(f"split {target!r}: all {report.rows_in[target]} rows were dropped (drops in all splits: {reasons}): fix the rows, raise --response-length or pass --long-response truncate")
     return datasets.DatasetDict({t: datasets.concatenate_datasets(p) for t, p in parts.items()})
 
 
@@ -322,7 +343,10 @@ def load_stage_data(
     if is_processed(dataset):
         ds = load_processed(dataset, splits)
     else:
-        raw = load_raw(dataset, "comparisons" if kind == "comparisons" and not Path(dataset).expanduser().exists() else None, revision=revision)
+        hub_config = "comparisons" if kind == "comparisons" and not Path(dataset).expanduser().exists() else None
+        # one SFT file is the train split; one comparisons file is named by its stem, so that its
+        # rows go by their own `split` field unless the file is named train/validation
+        raw = load_raw(dataset, hub_config, split="train" if kind == "sft" else None, revision=revision, features=RAW_FEATURES[kind])
         if key in next(iter(raw.values())).column_names:
             ds = raw  # a processed dataset on the Hub (ours or N+'s)
         else:
@@ -365,6 +389,8 @@ def format_report(report: Report, stats: dict) -> str:
             lines.append(f"  {col:<40} max {s['max']:>5}  p95 {s['p95']:>7.1f}  mean {s['mean']:>7.1f}")
     lines.append("truncated: " + (", ".join(f"{k}: {v}" for k, v in sorted(report.truncated.items())) or "none"))
     lines.append("dropped: " + (", ".join(f"{k}: {v}" for k, v in sorted(report.dropped.items())) or "none"))
+    if report.relabelled:
+        lines.append("split taken from the file, not the row's own split field: " + ", ".join(f"{k}: {v}" for k, v in sorted(report.relabelled.items())))
     return "\n".join(lines)
 
 
@@ -453,6 +479,8 @@ def save_processed(
 # ---------------------------------------------------------------------------------------------
 # the body of both process_*_dataset CLIs
 
+RAW_FEATURES = {"sft": SFT_FEATURES, "comparisons": COMPARISON_FEATURES}  # the Hub schema local files are read with
+
 PRODUCTS = {  # kind -> (process function, card title, column docs, length columns the card summarises)
     "sft": (
         process_sft,
@@ -476,7 +504,7 @@ def build(cfg, kind: str, lengths: Lengths, config_name: str | None = None) -> N
     """
     make_output_dir(cfg.output_dir)  # before the processing, which can take minutes
     tokenizer = load_tokenizer(cfg.tokenizer)
-    raw = load_raw(cfg.dataset, config_name, split=cfg.split, revision=cfg.revision)
+    raw = load_raw(cfg.dataset, config_name, split=cfg.split, revision=cfg.revision, features=RAW_FEATURES[kind])
     process, title, column_docs, length_columns = PRODUCTS[kind]
     report = Report()
     ds = process(raw, tokenizer, lengths, long_response=cfg.long_response, skip_bad_rows=cfg.skip_bad_rows, report=report)

@@ -5,7 +5,11 @@
         --dataset ../shared/data/tldr_real_sample/comparisons.jsonl --tokenizer DIR --output-dir OUT
 
 Rows go to `train`, `validation`, or `validation_cnndm` (validation rows of the CNN/DM batches,
-out of distribution) by their `split` and `batch` fields, as in the N+ preprocessed dataset.
+out of distribution, by their `batch` field), as in the N+ preprocessed dataset. The file decides
+train or validation (a directory's `train.jsonl` / `validation.jsonl`, the Hub's splits), even
+where a row's own `split` field says otherwise ("valid1" in the original release: counted in the
+report); only rows of a file not named as a split (OpenAI's batch files) go by their own field.
+Local files are read with the Hub's declared schema (`data.COMPARISON_FEATURES`).
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ class Config:
     """Hub name, or local .jsonl/.json/.parquet file(s) in the `comparisons` schema"""
     config_name: str | None = "comparisons"
     """Hub dataset config"""
-    split: str = "train"
-    """split assumed for a local file whose rows have no `split` field"""
+    split: str | None = None
+    """split name given to a single local file (default: its stem); a file not named train/validation routes each row by its own `split` field"""
     revision: str | None = None
     """Hub revision of the dataset"""
     tokenizer: str = "Qwen/Qwen2.5-0.5B"

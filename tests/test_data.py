@@ -247,7 +247,8 @@ def comparison(choice=0, split="train", batch="batch3", texts=(" good summary", 
 def test_comparisons_pick_chosen_by_choice_append_eos_and_route_splits(tokenizer):
     cnndm = comparison(split="valid2", batch="cnndm0", id="cnn")
     cnndm["info"].update(post=None, title=None, subreddit=None, article="Line one.\nLine two.")
-    raw = datasets.DatasetDict({"train": datasets.Dataset.from_list([comparison(1), comparison(0, split="valid1"), cnndm])})
+    # a source not named as a split (one file of OpenAI's release): each row's own field decides
+    raw = datasets.DatasetDict({"batch3": datasets.Dataset.from_list([comparison(1), comparison(0, split="valid1"), cnndm])})
     out = process_comparisons(raw, tokenizer)
     assert sorted(out) == ["train", "validation", "validation_cnndm"]
     t = out["train"][0]
