@@ -185,6 +185,27 @@ def evaluate_loss(loss_fn, data, micro_batch_size: int, runtime) -> float:
     return float(all_reduce_sum(total, runtime) / all_reduce_sum(count, runtime).clamp(min=1))
 
 
+@torch.no_grad()
+def sample_validation(model, tokenizer, rows: list[dict], cfg: Config, runtime) -> tuple[list[dict], dict]:
+    """Summaries of the validation posts at `eval_temperature`: (samples, their ROUGE-1/2/L against
+    the references, share without EOS, mean length in tokens). The same posts at step 0 and the end."""
+    model.eval()
+    samples = summarize(
+        model, tokenizer, query_tokens_of(rows, tokenizer, cfg.query_length), batch_size=cfg.micro_batch_size,
+        max_new_tokens=cfg.response_length, temperature=cfg.eval_temperature, seed=cfg.seed, autocast=runtime.autocast,
+        decoding=cfg.decoding,
+    )  # fmt: skip
+    model.train()
+    references = [r["reference_response"].replace(tokenizer.eos_token, "").strip() for r in rows]
+    rouge = rouge_scores([s["response"] for s in samples], references)
+    n = max(len(samples), 1)
+    metrics = {
+        **{f"eval/{k}": v for k, v in rouge.items()}, "eval/no_eos_rate": sum(not s["has_eos"] for s in samples) / n,
+        "eval/response_length": sum(len(s["response_token"]) for s in samples) / n,
+    }  # fmt: skip
+    return samples, metrics
+
+
 def main(cfg: Config) -> None:
     # ---- setup
     runtime = setup_runtime(cfg.device, cfg.precision, tiny_model=cfg.preset == "smoke")
@@ -218,6 +239,9 @@ def main(cfg: Config) -> None:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
+    # step 0: the base model's samples, before DDP/FSDP2 wrap it, so the report shows the change
+    base_samples, base_metrics = sample_validation(model, tokenizer, val_sample_rows, cfg, runtime) if not resume and runtime.is_main else ([], {})
+    runtime.barrier()
     loss_fn = distribute(model, lm_loss_sum, runtime, cfg.strategy)  # DDP/FSDP2 under torchrun
     optimizer = make_optimizer(
         list(model.parameters()), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps, kind=cfg.optimizer,
@@ -244,9 +268,9 @@ def main(cfg: Config) -> None:
     for step in bar:
         lr = get_lr(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, decay_steps=cfg.decay_steps)
         set_lr(optimizer, lr)
-        if step % cfg.eval_interval == 0 and (step > start_step or resume):
+        if step % cfg.eval_interval == 0:  # step 0 included: the starting model's validation loss
             val_loss = evaluate_loss(loss_fn, val_loss_rows, cfg.micro_batch_size, runtime)
-            logger.log({"val/loss": val_loss}, step)
+            logger.log({"val/loss": val_loss, **(base_metrics if step == 0 else {})}, step)
             if step > start_step:  # a resumed run logs its first step's evaluation again, but keeps its checkpoint
                 checkpoint(step, val_loss)
 
@@ -265,19 +289,16 @@ def main(cfg: Config) -> None:
         return
     if getattr(model, "_is_fully_sharded", False):  # FSDP2: the main process continues on the full weights
         model = load_policy(str(latest_checkpoint(out)), tokenizer, dtype=runtime.param_dtype, device=runtime.device)
+    samples, sample_metrics = sample_validation(model, tokenizer, val_sample_rows, cfg, runtime)
     model.eval()
-    samples = summarize(
-        model, tokenizer, query_tokens_of(val_sample_rows, tokenizer, cfg.query_length), batch_size=cfg.micro_batch_size,
-        max_new_tokens=cfg.response_length, temperature=cfg.eval_temperature, seed=cfg.seed, autocast=runtime.autocast,
-        decoding=cfg.decoding,
-    )  # fmt: skip
-    references = [r["reference_response"].replace(tokenizer.eos_token, "").strip() for r in val_sample_rows]
-    rouge = rouge_scores([s["response"] for s in samples], references)
-    final = {"val/loss": val_loss, **{f"eval/{k}": v for k, v in rouge.items()}, "eval/no_eos_rate": sum(not s["has_eos"] for s in samples) / max(len(samples), 1)}
+    final = {"val/loss": val_loss, **sample_metrics}
     logger.log(final, total_steps)
     logger.finish()
     export_final(out, model, tokenizer)
+    references = [r["reference_response"].replace(tokenizer.eos_token, "").strip() for r in val_sample_rows]
     table = [{"query": r["query"], "reference": ref, "generation": s["response"]} for r, ref, s in zip(val_sample_rows, references, samples)]
+    for row, base in zip(table, base_samples):  # a resumed run has no base samples of its own
+        row["base model"] = base["response"]
     (out / "samples.jsonl").write_text("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in table))
     write_report(out, config, final, table)
     print(json.dumps(final, indent=2))
@@ -288,10 +309,12 @@ def main(cfg: Config) -> None:
 def write_report(out: Path, config: dict, final: dict, table: list[dict]) -> None:
     records = read_metrics(out / "metrics.jsonl")
     plot_curves(records, ["train/loss", "val/loss", "lr"], out / "loss.png", "SFT")
-    results = "\n".join(f"- **{k}**: {v:.4f}" for k, v in final.items())
+    start = {k: v for r in records if r.get("step") == 0 for k, v in r.items() if k in final}  # the base model, logged at step 0
+    results = "\n".join(f"| {k} | {start.get(k, float('nan')):.4f} | {v:.4f} |" for k, v in final.items())
+    columns = ["query", "reference", "base model", "generation"] if table and "base model" in table[0] else ["query", "reference", "generation"]
     (out / "report.md").write_text(
-        f"# SFT report\n\n## Results\n\n{results}\n\n![loss curves](loss.png)\n\n"
-        f"## Samples (validation, temperature {config['eval_temperature']})\n\n{markdown_table(table, ['query', 'reference', 'generation'])}\n\n"
+        f"# SFT report\n\n## Results\n\n| metric | step 0 (base model) | end |\n|---|---|---|\n{results}\n\n![loss curves](loss.png)\n\n"
+        f"## Samples (validation, temperature {config['eval_temperature']})\n\n{markdown_table(table, columns)}\n\n"
         f"## Config\n\n{config_table(config)}\n"
     )
 

@@ -1,4 +1,4 @@
-"""Evaluation: ROUGE F-measures on strings worked out by hand."""
+"""ROUGE F-measures (rouge.py) on strings worked out by hand."""
 
 import pytest
 

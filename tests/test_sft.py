@@ -49,6 +49,21 @@ def test_smoke_run_learns_and_writes_a_loadable_model_and_report(smoke_dir):
 
 
 @pytest.mark.slow
+def test_step_0_evaluates_the_base_model_and_the_report_shows_the_change(smoke_dir):
+    """Issue 14: validation loss and the base model's samples at step 0, so the report shows
+    step 0 -> end, not only the end point."""
+    records = read_metrics(smoke_dir / "metrics.jsonl")
+    start = {k: v for r in records if r["step"] == 0 for k, v in r.items()}
+    for key in ("val/loss", "eval/rouge1", "eval/rougeL", "eval/no_eos_rate", "eval/response_length"):
+        assert key in start, key
+    report = (smoke_dir / "report.md").read_text()
+    assert "| metric | step 0 (base model) | end |" in report
+    assert f"| val/loss | {start['val/loss']:.4f} |" in report
+    rows = [json.loads(line) for line in (smoke_dir / "samples.jsonl").read_text().splitlines()]
+    assert all(r["base model"] is not None for r in rows) and "| base model |" in report
+
+
+@pytest.mark.slow
 def test_resume_with_a_changed_lr_is_a_one_line_error(smoke_dir):
     result = run_sft("--preset", "smoke", "--output-dir", str(smoke_dir), "--resume", "--lr", "1e-3")
     assert result.returncode == 1
