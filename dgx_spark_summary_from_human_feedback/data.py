@@ -244,8 +244,10 @@ def load_raw(
         if "scripts are no longer supported" not in str(e):
             raise
         # openai/summarize_from_feedback is a loading script, which recent `datasets` refuse:
-        # the Hub's automatic Parquet export of the same data loads without running code.
-        return datasets.load_dataset(dataset, config_name, revision="refs/convert/parquet")
+        # the Hub's automatic Parquet export of the same data loads without running code. The
+        # export has no card naming its configs, only folders CONFIG/SPLIT/0000.parquet: the
+        # config is its data_dir (as a config name, `datasets` would find only "default").
+        return datasets.load_dataset(dataset, revision="refs/convert/parquet", data_dir=config_name or "default")
 
 
 def _load_files(files: dict[str, str], dataset: str, features: datasets.Features | None) -> datasets.DatasetDict:

@@ -34,6 +34,7 @@ from .data import (
     right_pad,
 )
 from .errors import InputError
+from .hub import hub_errors
 
 CNNDM_BATCHES = ("batch0_cnndm", "cnndm0", "cnndm2")  # N+: validation rows of these go out of distribution
 
@@ -318,7 +319,9 @@ def process_comparisons(
         if report.rows_in[target] and target not in parts:
             reasons = ", ".join(f"{k}: {v}" for k, v in sorted(report.dropped.items()))
             raise InputError(f"split {target!r}: all {report.rows_in[target]} rows were dropped (drops in all splits: {reasons}): fix the rows, raise --response-length or pass --long-response truncate")
-    return datasets.DatasetDict({t: datasets.concatenate_datasets(p) for t, p in parts.items()})
+    # One type per column in every split, or push_to_hub refuses the DatasetDict: a split whose
+    # rows all lack extra.confidence (the CNN/DM batches) would type that column as null.
+    return datasets.DatasetDict({t: datasets.concatenate_datasets(p).cast_column("confidence", datasets.Value("int64")) for t, p in parts.items()})
 
 
 COMPARISON_COLUMNS = [
@@ -468,10 +471,14 @@ def save_processed(
     (out / "processing.json").write_text(json.dumps({"params": params, "stats": stats, "truncated": report.truncated, "dropped": report.dropped}, indent=2))
     print(f"saved {out}")
     if push_to_hub:
-        from huggingface_hub import DatasetCard
+        from huggingface_hub import DatasetCard, HfApi
 
-        ds.push_to_hub(push_to_hub)  # token from HF_TOKEN in the environment, never from a file we write
-        DatasetCard(card).push_to_hub(push_to_hub, repo_type="dataset")
+        # token from HF_TOKEN in the environment, never from a file we write. The card goes first:
+        # `push_to_hub` then adds its metadata (features, splits, data files) to the card's own.
+        with hub_errors(f"pushing {out} to {push_to_hub}"):  # the saved dataset stays as it is
+            HfApi().create_repo(push_to_hub, repo_type="dataset", exist_ok=True)
+            DatasetCard(card).push_to_hub(push_to_hub, repo_type="dataset")
+            ds.push_to_hub(push_to_hub)
         print(f"pushed {push_to_hub}")
     return stats
 
