@@ -85,7 +85,6 @@ if major_minor < (5, 24):
 EOF
 
 SCRIPT=gpu_bench
-if [[ "${1:-}" == "--checks" ]]; then SCRIPT=gpu_checks; shift; fi  # the follow-up checks (gpu_checks.py)
 rc=0
 PYTHONUNBUFFERED=1 timeout 570 "$PY" "bench/$SCRIPT.py" "$@" 2>&1 | tee "$OUT_DIR/$SCRIPT.log" || rc=$?
 if ((rc == 124)); then
