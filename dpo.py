@@ -204,10 +204,12 @@ def save_reference(path: Path, reference: dict[str, torch.Tensor], metadata: dic
 # one optimizer step, and evaluation
 
 
-def train_step(logprobs_fn, train, indices: list[int], reference: torch.Tensor, lengths: list[int], cfg: Config, runtime) -> dict[str, torch.Tensor]:
-    """Forward and backward of one optimizer batch (this process's micro-batches), gradients
-    summed so that any micro-batch split gives the batch mean; returns the batch's TRL metrics
-    (summed over processes). The caller clips and steps."""
+def train_step(
+    logprobs_fn, model, optimizer, train, indices: list[int], reference: torch.Tensor, lengths: list[int], cfg: Config, runtime, step: int, out_dir,
+) -> dict[str, float]:  # fmt: skip
+    """One optimizer step over the comparisons `indices`: this process's micro-batches (forward
+    and backward, gradients summed so that any micro-batch split gives the batch mean), clip,
+    NaN guard, AdamW. Returns the batch's TRL metrics (over all processes) and the grad norm."""
     micros = list(micro_batches(indices, [lengths[i] for i in indices], cfg.micro_batch_size, runtime.rank, runtime.world_size))
     sums = torch.zeros(7, device=runtime.device)
     for i, micro in enumerate(micros):
@@ -221,9 +223,13 @@ def train_step(logprobs_fn, train, indices: list[int], reference: torch.Tensor, 
             losses.sum(), chosen_rewards.sum(), rejected_rewards.sum(), (chosen_rewards > rejected_rewards).float().sum(),
             (chosen_rewards - rejected_rewards).sum(), chosen.sum(), rejected.sum(),
         ]).detach()  # fmt: skip
-    sums = all_reduce_sum(sums, runtime) / cfg.batch_size
+    sums = all_reduce_sum(sums, runtime) / cfg.batch_size  # every process sees the same values, and stops together
+    grad_norm = clip_gradients(model.parameters(), cfg.grad_clip)
+    check_finite(step, {"train/loss": float(sums[0]), "grad_norm": grad_norm}, out_dir)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     names = ["train/loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"]
-    return dict(zip(names, sums))
+    return {**dict(zip(names, sums.tolist())), "grad_norm": grad_norm}
 
 
 @torch.no_grad()
@@ -343,15 +349,10 @@ def main(cfg: Config) -> dict:
             evaluate_and_checkpoint(step, save=step > start_step)
 
         indices = batch_indices(step, len(train), cfg.batch_size, cfg.seed)
-        stats = train_step(logprobs_fn, train, indices, reference["train"], pair_lengths, cfg, runtime)
-        grad_norm = clip_gradients(policy.parameters(), cfg.grad_clip)
-        check_finite(step, {"train/loss": float(stats["train/loss"]), "grad_norm": grad_norm}, out)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+        stats = train_step(logprobs_fn, policy, optimizer, train, indices, reference["train"], pair_lengths, cfg, runtime, step, out)
         pairs_per_s = (step + 1 - start_step) * cfg.batch_size / (time.time() - t0)
-        logger.log({**stats, "lr": lr, "grad_norm": grad_norm, "pairs_per_s": pairs_per_s}, step)
-        bar.set_postfix(loss=f"{float(stats['train/loss']):.3f}", acc=f"{float(stats['rewards/accuracies']):.2f}", lr=f"{lr:.2e}")
+        logger.log({**stats, "lr": lr, "pairs_per_s": pairs_per_s}, step)
+        bar.set_postfix(loss=f"{stats['train/loss']:.3f}", acc=f"{stats['rewards/accuracies']:.2f}", lr=f"{lr:.2e}")
 
     # ---- final evaluation, checkpoint, export, report
     evaluate_and_checkpoint(total_steps)
