@@ -247,8 +247,11 @@ def query_tokens_of(rows: list[dict], tokenizer, query_length: int) -> list[list
     out = []
     for row in rows:
         if "query_token" in row:
-            n = row.get("query_token_len") or sum(t != tokenizer.pad_token_id for t in row["query_token"])  # pad != EOS here
-            out.append(list(row["query_token"][-n:]))
+            ids = list(row["query_token"])
+            n = row.get("query_token_len")
+            if n is None:  # left padded: the query is everything after the leading run of padding
+                n = len(ids) - next((i for i, t in enumerate(ids) if t != tokenizer.pad_token_id), len(ids))
+            out.append(ids[len(ids) - n :])
         else:
             ids, _, _ = truncate_query(tokenizer, sft_query_fields(row), length=query_length)
             out.append(ids)

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dgx_spark_summary_from_human_feedback import tiny
-from dgx_spark_summary_from_human_feedback.generation import generate, pad_queries, sample_next, truncate_after_eos
+from dgx_spark_summary_from_human_feedback.generation import generate, pad_queries, query_tokens_of, sample_next, truncate_after_eos
 from dgx_spark_summary_from_human_feedback.models import load_policy
 
 from .stage_fixtures import eos_prone
@@ -264,3 +264,11 @@ def test_cli_decoding_static_writes_the_same_samples(eos_prone_dir, tmp_path):
     with pytest.raises(InputError, match="cuda_graph needs a CUDA device"):  # the option does reach generate
         main(Config(checkpoint=str(eos_prone_dir), dataset=str(tiny.SFT_DIR), num_samples=2, device="cpu", decoding="cuda_graph"))
     assert any(r["has_eos"] for r in records["eager"]) and any(len(r["response_token"]) > 1 for r in records["eager"])
+
+
+def test_query_tokens_without_a_length_column_are_what_follows_the_left_padding(tokenizer):
+    """A processed row without `query_token_len`: the query starts after the leading padding, and
+    a padding id inside it (a dataset whose pad id is also a real token, e.g. pad == EOS) stays."""
+    pad = tokenizer.pad_token_id
+    rows = [{"query_token": [pad, pad, 5, pad, 7]}, {"query_token": [3, 4, 5]}, {"query_token": [pad, 6], "query_token_len": 1}]
+    assert query_tokens_of(rows, tokenizer, query_length=512) == [[5, pad, 7], [3, 4, 5], [6]]
