@@ -284,6 +284,7 @@ def short_query_dataset(tokenizer, out):
     return out
 
 
+@pytest.mark.slow  # a whole stage run
 def test_ppo_learns_a_rule_based_reward(tmp_path, tokenizer, one_thread):
     """Score = share of a response's tokens (EOS aside) in a target set. From a random tiny policy
     (made to end its responses), 40 updates of 16 should raise it from ~0.07 to well above."""

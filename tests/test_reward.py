@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from dgx_spark_summary_from_human_feedback import tiny
@@ -182,7 +181,7 @@ def test_smoke_run_learns_from_where_it_started(reward_smoke_dir, sft_smoke_dir)
     far, whatever the seed."""
     start, end = validation_scores(sft_smoke_dir, new_head=True), validation_scores(reward_smoke_dir, new_head=False)
     (accuracy0, margin0, loss0), (accuracy, margin, loss) = (
-        (float((c > r).float().mean()), float((c - r).mean()), float(-F.logsigmoid(c - r).mean())) for c, r in (start, end)
+        (float((c > r).float().mean()), float((c - r).mean()), float(reward.pairwise_loss(c, r)) / len(c)) for c, r in (start, end)
     )  # fmt: skip
     metrics = final_metrics(reward_smoke_dir)  # the run's own final evaluation is what we scored
     assert accuracy == pytest.approx(metrics["eval/validation/accuracy"]) and margin == pytest.approx(metrics["eval/validation/margin"], abs=1e-3)
@@ -269,6 +268,7 @@ def test_eval_only_on_gpt4_judged_real_pairs(reward_smoke_dir, tmp_path):
     assert not (out / "model.safetensors").exists()  # evaluation writes no model
 
 
+@pytest.mark.slow  # a whole stage run
 def test_eval_only_writes_beside_the_run_and_leaves_the_run_alone(tiny_model_dir, tokenizer, tmp_path):
     """README's `--eval-only --reward-path out/reward` without --output-dir: the report goes to
     out/reward-eval; the reward run's own metrics.jsonl and report.md stay as they were."""
@@ -336,3 +336,33 @@ def test_resumed_reward_metrics_read_as_one_clean_run(resumed_reward_runs):
         return [(r["step"], k, r[k]) for r in read_metrics(out / "metrics.jsonl") for k in sorted(r) if k not in ("step", "tokens_per_s")]
 
     assert records(b) == records(a)
+
+
+def test_pairwise_loss_and_train_step(tiny_model_dir, tokenizer):
+    """`pairwise_loss` is -log sigmoid(chosen - rejected) summed; `reward.train_step` reports its
+    batch mean and accuracy before the step, and micro-batches of 4 or 8 give the same update."""
+    from dgx_spark_summary_from_human_feedback.models import disable_dropout
+    from dgx_spark_summary_from_human_feedback.training import make_optimizer
+
+    chosen, rejected = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([0.0, 1.0, 0.5])
+    expected = -sum(math.log(1 / (1 + math.exp(-(c - r)))) for c, r in zip(chosen.tolist(), rejected.tolist()))
+    assert float(reward.pairwise_loss(chosen, rejected)) == pytest.approx(expected)
+    runtime = setup_runtime("cpu", "fp32")
+    data = reward.load_stage_data(str(tiny.COMPARISONS_FILE), tokenizer, "comparisons", ("train",), reward.Lengths(512, 133))["train"]
+    train = data.with_format("torch", columns=reward.PAIR_COLUMNS)
+    pair_lengths = [q + max(c, r) for q, c, r in zip(data["query_token_len"], data["chosen_token_len"], data["rejected_token_len"])]
+    models, results = [], []
+    for micro_batch_size in (8, 4):
+        cfg = reward.Config(batch_size=8, micro_batch_size=micro_batch_size, lr=1e-3)
+        torch.manual_seed(0)
+        model = reward.load_reward_model(str(tiny_model_dir), tokenizer, new_head=True).train()
+        disable_dropout(model)
+        optimizer = make_optimizer(list(model.parameters()), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8, kind="adamw", device=runtime.device)
+        before = reward.score_split(functools.partial(get_pair_scores, model), train.select(range(8)), 8, runtime)
+        results.append((reward.train_step(functools.partial(get_pair_scores, model), model, optimizer, train, list(range(8)), pair_lengths, cfg, runtime, 0, "out"), before))
+        models.append(model)
+    for stats, (c, r) in results:
+        assert stats["train/loss"] == pytest.approx(float(reward.pairwise_loss(c, r)) / 8, rel=1e-4)
+        assert stats["train/accuracy"] == pytest.approx(float((c > r).float().mean()))
+    for p1, p2 in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(p1, p2, rtol=0, atol=1e-5)
