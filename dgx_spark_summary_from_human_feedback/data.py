@@ -16,6 +16,7 @@ import datasets
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .errors import InputError
+from .hub import hub_errors
 
 QUERY_FORMAT = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
 CNNDM_QUERY_FORMAT = "Article:\n{article}\n\nTL;DR:"
@@ -204,14 +205,15 @@ COMPARISON_FEATURES = datasets.Features(
 def load_hub_dataset(name: str, *args, **kwargs) -> datasets.DatasetDict:
     """`datasets.load_dataset` of a Hub name; a name the Hub does not have (or, offline, the
     cache does not hold) stops with one line."""
-    try:
-        return datasets.load_dataset(name, *args, **kwargs)
-    except (ConnectionError, FileNotFoundError) as e:  # DatasetNotFoundError is a FileNotFoundError
-        first = (str(e).splitlines() or [""])[0][:200]
-        raise InputError(
-            f"dataset {name} is not a local path and could not be loaded from the Hugging Face Hub ({first}): "
-            "check the name; offline (HF_HUB_OFFLINE=1) it must be in the cache"
-        ) from None
+    with hub_errors(f"loading {name} from the Hub"):  # any other answer of the Hub (401: HF_TOKEN rejected)
+        try:
+            return datasets.load_dataset(name, *args, **kwargs)
+        except (ConnectionError, FileNotFoundError) as e:  # DatasetNotFoundError is a FileNotFoundError
+            first = (str(e).splitlines() or [""])[0][:200]
+            raise InputError(
+                f"dataset {name} is not a local path and could not be loaded from the Hugging Face Hub ({first}): "
+                "check the name; offline (HF_HUB_OFFLINE=1) it must be in the cache"
+            ) from None
 
 
 def load_raw(
@@ -247,7 +249,7 @@ def load_raw(
         # the Hub's automatic Parquet export of the same data loads without running code. The
         # export has no card naming its configs, only folders CONFIG/SPLIT/0000.parquet: the
         # config is its data_dir (as a config name, `datasets` would find only "default").
-        return datasets.load_dataset(dataset, revision="refs/convert/parquet", data_dir=config_name or "default")
+        return load_hub_dataset(dataset, revision="refs/convert/parquet", data_dir=config_name or "default")
 
 
 def _load_files(files: dict[str, str], dataset: str, features: datasets.Features | None) -> datasets.DatasetDict:

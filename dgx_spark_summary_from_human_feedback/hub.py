@@ -59,10 +59,12 @@ def hub_errors(action: str):
     """
     try:
         yield
+    except InputError:
+        raise  # already one line
     except Exception as e:
         cause = e
         while cause is not None and _explain(action, cause) is None:
-            cause = cause.__cause__ or cause.__context__
+            cause = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)
         if cause is None:
             raise
         raise InputError(_explain(action, cause)) from None

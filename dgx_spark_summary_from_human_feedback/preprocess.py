@@ -346,7 +346,8 @@ def load_stage_data(
     if is_processed(dataset):
         ds = load_processed(dataset, splits)
     else:
-        hub_config = "comparisons" if kind == "comparisons" and not Path(dataset).expanduser().exists() else None
+        # OpenAI's raw repository holds two configs; a processed one on the Hub (ours, N+'s) only "default"
+        hub_config = "comparisons" if kind == "comparisons" and dataset == "openai/summarize_from_feedback" else None
         # one SFT file is the train split; one comparisons file is named by its stem, so that its
         # rows go by their own `split` field unless the file is named train/validation
         raw = load_raw(dataset, hub_config, split="train" if kind == "sft" else None, revision=revision, features=RAW_FEATURES[kind])
