@@ -22,7 +22,7 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 # As the Hub's default .gitattributes: these are stored with LFS (pointer in git, content aside).
 LFS_SUFFIXES = (".parquet", ".safetensors", ".bin", ".arrow", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".zip", ".gz")
@@ -121,8 +121,8 @@ class Handler(BaseHTTPRequestHandler):
         except HubError as e:
             status, body = e.status, json.dumps({"error": e.message}).encode()
             headers = {"X-Error-Message": e.message, **({"X-Error-Code": e.code} if e.code else {})}
-        except ConnectionAbortedError:
-            status = 0
+        except ConnectionAbortedError:  # see _die: no answer at all
+            status = "dropped"
             return
         finally:
             self.server.log.append(f"{method} {url.path} {status}")
@@ -154,8 +154,8 @@ class Handler(BaseHTTPRequestHandler):
         self.connection.close()
         raise ConnectionAbortedError
 
-    def _json(self, obj, status: int = 200, headers: dict | None = None):
-        return status, headers or {}, json.dumps(obj).encode()
+    def _json(self, obj):
+        return 200, {}, json.dumps(obj).encode()
 
     def _repo(self, repo_type: str, repo_id: str, write: bool = False) -> Repo:
         repo = self.server.repos.get((repo_type, repo_id))
@@ -309,8 +309,3 @@ class Handler(BaseHTTPRequestHandler):
             headers |= {"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(len(content))}
         return 200, headers, content
 
-
-def hub_url(server: LocalHub, repo_type: str, repo_id: str, revision: str, path: str) -> str:
-    """The resolve URL of a file, as `hf_hub_url` builds it."""
-    prefix = "datasets/" if repo_type == "dataset" else ""
-    return f"{server.url}/{prefix}{repo_id}/resolve/{quote(revision, safe='')}/{quote(path)}"
