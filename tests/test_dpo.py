@@ -2,6 +2,7 @@
 against full rows (values and gradients); the cached reference log-probs against a live
 forward; learning on the fixtures; the smoke run's outputs; kill-and-resume."""
 
+import copy
 import functools
 import math
 
@@ -132,6 +133,29 @@ def test_cached_reference_logprobs_equal_a_live_reference_forward(policy, tokeni
     with torch.no_grad():
         live = torch.stack([full_row_logprobs(policy, data[:], "chosen"), full_row_logprobs(policy, data[:], "rejected")], 1)
     torch.testing.assert_close(cached, live, atol=1e-4, rtol=0)
+
+
+def test_train_step_gives_the_same_update_for_any_micro_batch_split(policy, tokenizer, tmp_path):
+    """The loss is summed over the batch and divided by the batch size: micro-batches of 2 and
+    one micro-batch of 6 give the same step (a per-micro-batch mean would weight them apart)."""
+    ds = load_stage_data(str(tiny.COMPARISONS_FILE), tokenizer, "comparisons", ("train",), Lengths(512, 133))["train"]
+    train = ds.select(range(6)).with_format("torch", columns=PAIR_COLUMNS)
+    lengths = [int(q) + max(int(c), int(r)) for q, c, r in zip(train["query_token_len"], train["chosen_token_len"], train["rejected_token_len"])]
+    reference = torch.tensor([[-60.0, -50.0], [-40.0, -45.0], [-70.0, -30.0], [-55.0, -52.0], [-35.0, -65.0], [-48.0, -47.0]])
+    runtime = setup_runtime("cpu", "fp32")
+    weights, stats = [], []
+    for micro in (2, 6):
+        model = copy.deepcopy(policy)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        cfg = dpo.Config(batch_size=6, micro_batch_size=micro, beta=0.1, grad_clip=0.0)
+        stats.append(dpo.train_step(functools.partial(get_pair_logprobs, model), model, optimizer, train, list(range(6)), reference, lengths, cfg, runtime, 0, tmp_path))
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    assert stats[0]["grad_norm"] > 0
+    assert stats[0]["grad_norm"] == pytest.approx(stats[1]["grad_norm"], rel=1e-4)
+    assert stats[0]["train/loss"] == pytest.approx(stats[1]["train/loss"], rel=1e-5)
+    for name in weights[0]:
+        torch.testing.assert_close(weights[0][name], weights[1][name], atol=1e-6, rtol=1e-5, msg=name)
+    assert not torch.equal(weights[0]["model.embed_tokens.weight"], policy.model.embed_tokens.weight)  # the step moved them
 
 
 # ---- the smoke run: learning, outputs, kill-and-resume
