@@ -340,7 +340,7 @@ def test_resumed_reward_metrics_read_as_one_clean_run(resumed_reward_runs):
 
 def test_pairwise_loss_and_train_step(tiny_model_dir, tokenizer):
     """`pairwise_loss` is -log sigmoid(chosen - rejected) summed; `reward.train_step` reports its
-    batch mean and accuracy before the step, and micro-batches of 4 or 8 give the same update."""
+    batch mean and accuracy before the step, and micro-batches of 3 or 8 give the same update."""
     from dgx_spark_summary_from_human_feedback.models import disable_dropout
     from dgx_spark_summary_from_human_feedback.training import make_optimizer
 
@@ -352,7 +352,7 @@ def test_pairwise_loss_and_train_step(tiny_model_dir, tokenizer):
     train = data.with_format("torch", columns=reward.PAIR_COLUMNS)
     pair_lengths = [q + max(c, r) for q, c, r in zip(data["query_token_len"], data["chosen_token_len"], data["rejected_token_len"])]
     models, results = [], []
-    for micro_batch_size in (8, 4):
+    for micro_batch_size in (8, 3):  # 3, 3, 2: a per-micro-batch mean would weight the last more
         cfg = reward.Config(batch_size=8, micro_batch_size=micro_batch_size, lr=1e-3)
         torch.manual_seed(0)
         model = reward.load_reward_model(str(tiny_model_dir), tokenizer, new_head=True).train()
@@ -364,5 +364,5 @@ def test_pairwise_loss_and_train_step(tiny_model_dir, tokenizer):
     for stats, (c, r) in results:
         assert stats["train/loss"] == pytest.approx(float(reward.pairwise_loss(c, r)) / 8, rel=1e-4)
         assert stats["train/accuracy"] == pytest.approx(float((c > r).float().mean()))
-    for p1, p2 in zip(*(m.parameters() for m in models)):
-        torch.testing.assert_close(p1, p2, rtol=0, atol=1e-5)
+    for p1, p2 in zip(*(m.parameters() for m in models)):  # Adam near eps: fp32 rounding up to ~2% of lr
+        torch.testing.assert_close(p1, p2, rtol=0, atol=1e-4)

@@ -131,3 +131,48 @@ def test_smoke_preset_names_only_config_fields():
     for preset in sft.PRESETS.values():
         assert set(preset) <= names
         json.dumps(preset)  # plain values: they end up in the saved run config
+
+
+# ---- sft.train_step, the step main() and bench/ run
+
+
+def sft_train_steps(tiny_model_dir, tokenizer, rows, micro_batch_size: int, pad_to=None, steps: int = 1):
+    """A fresh tiny policy after `steps` of `sft.train_step` over all of `rows`: (model, last stats)."""
+    import functools
+
+    from dgx_spark_summary_from_human_feedback.models import lm_loss_sum, load_policy
+    from dgx_spark_summary_from_human_feedback.training import make_optimizer, setup_runtime
+
+    runtime = setup_runtime("cpu", "fp32")
+    cfg = sft.Config(batch_size=len(rows), micro_batch_size=micro_batch_size, lr=1e-3, grad_clip=1.0)
+    model = load_policy(str(tiny_model_dir), tokenizer).train()
+    optimizer = make_optimizer(list(model.parameters()), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps, kind="adamw", device=runtime.device)
+    loss_fn = functools.partial(lm_loss_sum, model, pack=False if pad_to else None)
+    lengths, response_lengths = rows["query_reference_response_token_len"][:].tolist(), rows["reference_response_token_len"][:].tolist()
+    for step in range(steps):
+        stats = sft.train_step(loss_fn, model, optimizer, rows, list(range(len(rows))), lengths, response_lengths, cfg, runtime, step, "out", pad_to=pad_to)
+    return model, stats
+
+
+def test_train_step_is_one_step_of_the_whole_batch_mean_for_any_micro_batch_split(tiny_model_dir, tokenizer):
+    """The loss is the batch's summed response-token loss over its label count, whatever the
+    micro-batches; so one step with micro-batches of 8 and of 3 (different padding) lands on the
+    same weights, and padding every row to 575 columns (bench/'s baseline) changes nothing."""
+    import datasets
+
+    from dgx_spark_summary_from_human_feedback import tiny
+    from dgx_spark_summary_from_human_feedback.data import load_raw
+    from dgx_spark_summary_from_human_feedback.models import lm_loss_sum, load_policy
+    from dgx_spark_summary_from_human_feedback.preprocess import process_sft
+
+    raw = datasets.DatasetDict({"train": load_raw(str(tiny.SFT_DIR))["train"].select(range(8))})
+    columns = ["query_reference_response_token", "query_reference_response_token_len", "reference_response_token_len"]
+    rows = process_sft(raw, tokenizer, long_response="truncate")["train"].with_format("torch", columns=columns)
+    ids, mask, labels = sft.sft_batch(rows[:], False, "cpu")
+    loss_sum, n = lm_loss_sum(load_policy(str(tiny_model_dir), tokenizer), ids, mask, labels)
+    whole, stats = sft_train_steps(tiny_model_dir, tokenizer, rows, 8)
+    assert stats["train/loss"] == pytest.approx(float(loss_sum) / n, rel=1e-5)  # the loss before the step
+    assert stats["tokens"] == int(rows["query_reference_response_token_len"][:].sum()) and stats["grad_norm"] > 0
+    for other in (sft_train_steps(tiny_model_dir, tokenizer, rows, 3)[0], sft_train_steps(tiny_model_dir, tokenizer, rows, 3, pad_to=575)[0]):
+        for p1, p2 in zip(whole.parameters(), other.parameters()):  # Adam near eps: ~2e-5 of fp32 rounding; lr 1e-3
+            torch.testing.assert_close(p1, p2, rtol=0, atol=1e-4)
