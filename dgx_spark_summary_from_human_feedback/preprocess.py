@@ -125,6 +125,33 @@ def _query_response(query_ids: list[int], response_ids: list[int], total: int, p
     return right_pad(ids, total, pad_id), labels
 
 
+def _rows(batch: dict) -> list[dict]:
+    """The rows of a `Dataset.map(batched=True)` batch (a dict of columns)."""
+    return [dict(zip(batch, values)) for values in zip(*batch.values())]
+
+
+def _parse_rows(rows: list[dict], parse, split: str, skip_bad_rows: bool, report: Report) -> list[tuple]:
+    """(row, *parse(row)) per row. A bad row (`parse` raises InputError) stops the run with its
+    one-line message, or with --skip-bad-rows is counted by reason and skipped."""
+    valid = []
+    for row in rows:
+        report.rows_in[split] += 1
+        try:
+            valid.append((row, *parse(row)))
+        except InputError as e:
+            if not skip_bad_rows:
+                raise InputError(f"{e}: fix that row or pass --skip-bad-rows to count and skip such rows") from None
+            report.dropped[f"bad row ({str(e).split(': ', 1)[1]})"] += 1
+    return valid
+
+
+def _stop_if_emptied(splits: list[str], report: Report) -> None:
+    """Rows went into these splits but none came out: stop with one line, not in a later KeyError."""
+    if splits:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(report.dropped.items()))
+        raise InputError(f"split {splits[0]!r}: all {report.rows_in[splits[0]]} rows were dropped (drops in all splits: {reasons}): fix the rows, raise --response-length or pass --long-response truncate")
+
+
 def process_sft(
     raw: datasets.DatasetDict,
     tokenizer: PreTrainedTokenizerBase,
@@ -142,15 +169,7 @@ def process_sft(
 
     def process(batch: dict, split: str) -> dict:
         out: dict[str, list] = {k: [] for k in SFT_COLUMNS}
-        valid = []
-        for row in (dict(zip(batch, values)) for values in zip(*batch.values())):
-            report.rows_in[split] += 1
-            try:
-                valid.append((row, sft_query_fields(row), _text(row, "summary", "", allow_empty=False)))
-            except InputError as e:
-                if not skip_bad_rows:
-                    raise InputError(f"{e}: fix that row or pass --skip-bad-rows to count and skip such rows") from None
-                report.dropped[f"bad row ({str(e).split(': ', 1)[1]})"] += 1
+        valid = _parse_rows(_rows(batch), lambda row: (sft_query_fields(row), _text(row, "summary", "", allow_empty=False)), split, skip_bad_rows, report)
         queries = fit_queries(tokenizer, [fields for _, fields, _ in valid], lengths.query)
         # the dataset's summaries have no leading space: the response is " " + summary + EOS
         responses = response_ids(tokenizer, [" " + summary for _, _, summary in valid], lengths.response, long_response)
@@ -195,10 +214,7 @@ def process_sft(
             for split, ds in raw.items()
         }
     )
-    for split, ds in processed.items():
-        if len(ds) == 0:  # an empty split has no columns either: stop here, not in a later KeyError
-            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(report.dropped.items()))
-            raise InputError(f"split {split!r}: all {report.rows_in[split]} rows were dropped (drops in all splits: {reasons}): fix the rows, raise --response-length or pass --long-response truncate")
+    _stop_if_emptied([split for split, ds in processed.items() if len(ds) == 0], report)  # an empty split has no columns either
     return processed
 
 
@@ -246,20 +262,11 @@ def process_comparisons(
 
     def process(batch: dict, source_split: str, target: str) -> dict:
         out: dict[str, list] = {k: [] for k in COMPARISON_COLUMNS}
-        valid = []
-        for row in (dict(zip(batch, values)) for values in zip(*batch.values())):
-            if comparison_split(row, source_split) != target:
-                continue
-            report.rows_in[target] += 1
-            own = row.get("split")
+        rows = [row for row in _rows(batch) if comparison_split(row, source_split) == target]
+        for own in (row.get("split") for row in rows):
             if source_split in NAMED_SPLITS and own and (own == "train") != (target == "train"):
                 report.relabelled[f"{source_split} (rows say {own!r})"] += 1
-            try:
-                valid.append((row, *comparison_query_fields(row), *comparison_pair(row)))
-            except InputError as e:
-                if not skip_bad_rows:
-                    raise InputError(f"{e}: fix that row or pass --skip-bad-rows to count and skip such rows") from None
-                report.dropped[f"bad row ({str(e).split(': ', 1)[1]})"] += 1
+        valid = _parse_rows(rows, lambda row: (*comparison_query_fields(row), *comparison_pair(row)), target, skip_bad_rows, report)
         reddit = iter(fit_queries(tokenizer, [f for _, f, cnndm, _, _ in valid if not cnndm], lengths.query))
         articles = iter(fit_queries(tokenizer, [f for _, f, cnndm, _, _ in valid if cnndm], lengths.cnndm_query, CNNDM_QUERY_FORMAT, ("article",)))
         # the comparison summaries already begin with a space: only EOS is appended
@@ -270,8 +277,7 @@ def process_comparisons(
             query_len = lengths.cnndm_query if cnndm else lengths.query
             query = (CNNDM_QUERY_FORMAT if cnndm else QUERY_FORMAT).format(**fields)
             (chosen_ids, chosen_cut), (rejected_ids, rejected_cut) = next(summaries), next(summaries)
-            pair = {"chosen": chosen_ids, "rejected": rejected_ids}
-            if pair["chosen"] is None or pair["rejected"] is None:
+            if chosen_ids is None or rejected_ids is None:
                 report.dropped[f"response over {lengths.response} tokens"] += 1
                 continue
             if how:
@@ -285,8 +291,7 @@ def process_comparisons(
             out["query"].append(query)
             out["query_token"].append(left_pad(query_ids, query_len, pad))
             out["query_token_len"].append(len(query_ids))
-            for key, summary in (("chosen", chosen), ("rejected", rejected)):
-                ids = pair[key]
+            for key, summary, ids in (("chosen", chosen, chosen_ids), ("rejected", rejected, rejected_ids)):
                 qr_ids, labels = _query_response(query_ids, ids, query_len + lengths.response, pad)
                 out[key].append(summary["text"] + eos_text)
                 out[f"{key}_token"].append(right_pad(ids, lengths.response, pad))
@@ -315,10 +320,7 @@ def process_comparisons(
             )
             if len(part):
                 parts.setdefault(target, []).append(part)
-    for target in targets:  # rows went in but none came out: stop here, not in a stage's missing split
-        if report.rows_in[target] and target not in parts:
-            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(report.dropped.items()))
-            raise InputError(f"split {target!r}: all {report.rows_in[target]} rows were dropped (drops in all splits: {reasons}): fix the rows, raise --response-length or pass --long-response truncate")
+    _stop_if_emptied([target for target in targets if report.rows_in[target] and target not in parts], report)
     # One type per column in every split, or push_to_hub refuses the DatasetDict: a split whose
     # rows all lack extra.confidence (the CNN/DM batches) would type that column as null.
     return datasets.DatasetDict({t: datasets.concatenate_datasets(p).cast_column("confidence", datasets.Value("int64")) for t, p in parts.items()})
