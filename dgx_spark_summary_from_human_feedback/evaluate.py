@@ -146,6 +146,32 @@ def _ci(w: dict) -> str:
     return f"{w['win_rate']:.3f} [{w['ci_low']:.3f}, {w['ci_high']:.3f}] (n={w['n']}, unparseable={w['unparseable']})"
 
 
+def policy_summary(records: list[dict], scored: bool, judged: bool) -> dict:
+    """ROUGE, length, no-EOS rate, and (when scored / judged) mean scores and win rates vs the references."""
+    n = len(records)
+    summary = rouge_scores([r["response"] for r in records], [r["reference"] for r in records])
+    summary["mean_length"] = sum(r["length"] for r in records) / n
+    summary["no_eos_rate"] = sum(not r["has_eos"] for r in records) / n
+    if scored:
+        summary["score"] = sum(r["score"] for r in records) / n
+        summary["reference_score"] = sum(r["reference_score"] for r in records) / n
+        summary["rm_win_rate"] = win_rate([r["rm_win"] for r in records])
+    if judged:
+        summary["judge_win_rate"] = win_rate([r["judge_win"] for r in records])
+    return summary
+
+
+def win_rates(first: list[dict], second: list[dict], posts: list[str], scored: bool, judge: Judge | None, seed: int) -> dict:
+    """Win rates of `first`'s summaries over `second`'s on the same posts, by each judge."""
+    rates = {}
+    if scored:
+        rates["rm"] = win_rate([1.0 if a["score"] > b["score"] else (0.5 if a["score"] == b["score"] else 0.0) for a, b in zip(first, second)])
+    if judge is not None:
+        verdicts = judge.compare([(p, a["response"], b["response"]) for p, a, b in zip(posts, first, second)], seed)
+        rates["judge"] = win_rate([None if v["first_wins"] is None else float(v["first_wins"]) for v in verdicts])
+    return rates
+
+
 def main(cfg: Config) -> dict:
     runtime = setup_runtime(cfg.device)
     device, dtype, autocast = runtime.device, frozen_dtype(runtime), runtime.autocast
@@ -197,30 +223,12 @@ def main(cfg: Config) -> dict:
         per_policy[path] = records
 
     # ---- summaries, head-to-head, report
-    summary = {}
-    for path, records in per_policy.items():
-        s = {**rouge_scores([r["response"] for r in records], [r["reference"] for r in records]),
-             "mean_length": sum(r["length"] for r in records) / len(records), "no_eos_rate": sum(not r["has_eos"] for r in records) / len(records)}  # fmt: skip
-        if reward_model is not None:
-            s["score"] = sum(r["score"] for r in records) / len(records)
-            s["reference_score"] = sum(r["reference_score"] for r in records) / len(records)
-            s["rm_win_rate"] = win_rate([r["rm_win"] for r in records])
-        if judge is not None:
-            s["judge_win_rate"] = win_rate([r["judge_win"] for r in records])
-        summary[path] = s
-    def compare(first: list[dict], second: list[dict], seed: int) -> dict:
-        """Win rates of `first`'s summaries over `second`'s on the same posts, by each judge."""
-        rates = {}
-        if reward_model is not None:
-            rates["rm"] = win_rate([1.0 if a["score"] > b["score"] else (0.5 if a["score"] == b["score"] else 0.0) for a, b in zip(first, second)])
-        if judge is not None:
-            verdicts = judge.compare([(p, a["response"], b["response"]) for p, a, b in zip(posts, first, second)], seed)
-            rates["judge"] = win_rate([None if v["first_wins"] is None else float(v["first_wins"]) for v in verdicts])
-        return rates
-
-    head_to_head = compare(per_policy[cfg.policy[0]], per_policy[cfg.policy[1]], cfg.seed + 1) if cfg.head_to_head else {}
-    against = cfg.head_to_head_against
-    head_to_head_against = {path: compare(records, per_policy[against], cfg.seed + 2) for path, records in per_policy.items() if path != against} if against else {}
+    summary = {path: policy_summary(records, reward_model is not None, judge is not None) for path, records in per_policy.items()}
+    head_to_head, head_to_head_against, against = {}, {}, cfg.head_to_head_against
+    if cfg.head_to_head:
+        head_to_head = win_rates(per_policy[cfg.policy[0]], per_policy[cfg.policy[1]], posts, reward_model is not None, judge, cfg.seed + 1)
+    if against:
+        head_to_head_against = {path: win_rates(records, per_policy[against], posts, reward_model is not None, judge, cfg.seed + 2) for path, records in per_policy.items() if path != against}
     with (out / "samples.jsonl").open("w") as f:
         for records in per_policy.values():
             for r in records:
