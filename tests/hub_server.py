@@ -60,17 +60,18 @@ class Repo:
 
 
 class HubError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None):
+    def __init__(self, status: int, message: str, code: str | None = None, **body):
         super().__init__(message)
-        self.status, self.message, self.code = status, message, code
+        self.status, self.message, self.code, self.body = status, message, code, body
 
 
 class LocalHub(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, tokens: dict[str, str]):
+    def __init__(self, tokens: dict[str, str], orgs: dict[str, list[str]] | None = None):
         super().__init__(("127.0.0.1", 0), Handler)
         self.tokens = tokens  # token -> user name
+        self.orgs = orgs or {}  # user name -> the organisations they belong to
         self.repos: dict[tuple[str, str], Repo] = {}  # (type: model | dataset, repo id) -> Repo
         self.lfs: dict[str, bytes] = {}  # sha256 -> content
         self.log: list[str] = []  # "METHOD path status", without headers (no token in it)
@@ -119,7 +120,7 @@ class Handler(BaseHTTPRequestHandler):
             self.user = self._user()
             status, headers, body = self._dispatch(method)
         except HubError as e:
-            status, body = e.status, json.dumps({"error": e.message}).encode()
+            status, body = e.status, json.dumps({"error": e.message, **e.body}).encode()
             headers = {"X-Error-Message": e.message, **({"X-Error-Code": e.code} if e.code else {})}
         except ConnectionAbortedError:  # see _die: no answer at all
             status = "dropped"
@@ -180,7 +181,8 @@ class Handler(BaseHTTPRequestHandler):
         if p[:2] == ["api", "whoami-v2"]:
             if self.user is None:
                 raise HubError(401, "Invalid username or password.")
-            return self._json({"type": "user", "name": self.user, "orgs": [], "auth": {"type": "access_token", "accessToken": {"role": "write"}}})
+            orgs = [{"type": "org", "name": org} for org in self.server.orgs.get(self.user, [])]
+            return self._json({"type": "user", "name": self.user, "orgs": orgs, "auth": {"type": "access_token", "accessToken": {"role": "write"}}})
         if p[:2] == ["api", "validate-yaml"] and method == "POST":  # a card's metadata block, before a push
             content = json.loads(self.body)["content"]
             if content.startswith("---") and "\n---" not in content[3:]:
@@ -207,13 +209,13 @@ class Handler(BaseHTTPRequestHandler):
         if not (NAME.match(owner) and NAME.match(name)):
             raise HubError(400, f"invalid repository name {owner}/{name}")
         repo_id = f"{owner}/{name}"
-        if (repo_type, repo_id) in self.server.repos:
-            raise HubError(409, "You already created this repo" if owner == self.user else "Repository already exists")
-        if owner != self.user:
+        url = f"{self.server.url}/{'datasets/' if repo_type == 'dataset' else ''}{repo_id}"
+        if (repo_type, repo_id) in self.server.repos:  # the Hub names the repository in its answer
+            raise HubError(409, "You already created this repo" if owner == self.user else "Repository already exists", url=url)
+        if owner != self.user and owner not in self.server.orgs.get(self.user, []):
             raise HubError(403, f"You don't have the rights to create a {repo_type} under the namespace {owner}")
         self.server.add_repo(repo_type, repo_id)
-        prefix = "datasets/" if repo_type == "dataset" else ""
-        return self._json({"url": f"{self.server.url}/{prefix}{repo_id}", "name": repo_id})
+        return self._json({"url": url, "name": repo_id})
 
     def _api(self, method: str, repo_type: str, repo_id: str, rest: list[str]):
         if not rest or rest[0] == "revision":  # repo info

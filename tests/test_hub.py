@@ -75,11 +75,12 @@ def seed_sources(hub: LocalHub) -> None:
         deleted=("summarize_from_feedback.py", "README.md"),
     )
     hub.add_repo("model", "bob/taken")  # someone else's repository
+    hub.add_repo("dataset", "team/taken", owner="bob")  # in alice's organisation, but bob's: she may not write it
 
 
 @pytest.fixture(scope="module")
 def hub():
-    server = LocalHub({TOKEN: USER})
+    server = LocalHub({TOKEN: USER}, orgs={USER: ["team"]})
     seed_sources(server)
     yield server
     server.stop()
@@ -252,6 +253,15 @@ def test_loading_with_a_rejected_token_or_a_missing_dataset_is_one_line(hub, tmp
     assert_one_line_error(rejected, SFT_SOURCE, "401", "HF_TOKEN")
     missing = run(hub, tmp_path, *PUSH_SFT_DATASET, "--dataset", f"{USER}/no-such-dataset", "--output-dir", tmp_path / "b")
     assert_one_line_error(missing, f"{USER}/no-such-dataset", "check the name")
+
+
+def test_a_taken_name_fails_at_the_push_with_the_local_dataset_intact(hub, tmp_path):
+    out = tmp_path / "out"
+    result = run(hub, tmp_path, *PUSH_SFT_DATASET, "--output-dir", out, "--push-to-hub", "team/taken")
+    assert_one_line_error(result, "team/taken", "403", "may not write there")
+    assert "POST /api/repos/create 409" in hub.log  # the name exists: huggingface_hub goes on, the write is refused
+    assert sorted(datasets.load_from_disk(str(out))) == ["test", "train", "validation"]
+    assert_no_token_in(tmp_path)
 
 
 @pytest.mark.parametrize("die_on", [pytest.param("lfs", marks=pytest.mark.slow), "commit"])  # lfs: huggingface_hub retries for 23 s first
