@@ -595,6 +595,8 @@ def write_report(out: Path, config: dict, records: list[dict]) -> None:
     summary = "\n".join(f"| {k} | {first.get(k, float('nan')):.4g} | {final.get(k, float('nan')):.4g} |" for k in keys)
     (out / "report.md").write_text(
         f"# PPO report\n\n| metric | first update | last update |\n|---|---|---|\n{summary}\n\n"
+        "The first update's score, KL, length and no-EOS share are those of its rollouts, sampled\n"
+        "before any optimizer step: they are the starting (SFT) policy's, i.e. step 0.\n\n"
         "![score, KL, length](curves.png)\n\n![PPO internals](curves_ppo.png)\n\n"
         f"## Samples (last update)\n\n{markdown_table(last, ['query', 'response', 'score'])}\n\n"
         f"## Config\n\n{config_table(config)}\n"

@@ -43,6 +43,7 @@ from dgx_spark_summary_from_human_feedback import cli, tiny
 from dgx_spark_summary_from_human_feedback.checkpoint import export_final, latest_checkpoint, make_output_dir, push_run, resume_point, rng_state, save_checkpoint, set_rng_state
 from dgx_spark_summary_from_human_feedback.data import Lengths, load_tokenizer
 from dgx_spark_summary_from_human_feedback.errors import InputError
+from dgx_spark_summary_from_human_feedback.judge import wilson_interval
 from dgx_spark_summary_from_human_feedback.models import check_checkpoint, disable_dropout, get_pair_scores, get_score, load_reward_model
 from dgx_spark_summary_from_human_feedback.preprocess import load_stage_data
 from dgx_spark_summary_from_human_feedback.tracking import Logger, accuracy_by, config_table, markdown_table, plot_curves, read_metrics
@@ -242,13 +243,19 @@ def evaluate_splits(model, ds, cfg: Config, runtime, out: Path) -> tuple[dict, s
             data = data.select(range(min(cfg.max_final_eval_rows, len(data))))
         chosen, rejected = score_split(functools.partial(get_pair_scores, model), data.with_format("torch", columns=PAIR_COLUMNS), cfg.micro_batch_size, runtime)
         accuracy = float((chosen > rejected).float().mean())
+        low, high = wilson_interval(float((chosen > rejected).sum()), len(data))
+        # the baseline any RM must beat: "the longer summary wins" (ties count half) on the same pairs
+        longer = torch.tensor(data["chosen_token_len"]) - torch.tensor(data["rejected_token_len"])
+        length_rule = float(((longer > 0).float() + 0.5 * (longer == 0).float()).mean())
         metrics[f"eval/{split}/accuracy"] = accuracy
+        metrics[f"eval/{split}/accuracy_ci_low"], metrics[f"eval/{split}/accuracy_ci_high"] = low, high
+        metrics[f"eval/{split}/length_rule_accuracy"] = length_rule
         metrics[f"eval/{split}/margin"] = float((chosen - rejected).mean())
         workers = set(data["worker"]) if "worker" in data.column_names else set()
         labels = "GPT-4 verdicts" if any("gpt-4" in str(w).lower() for w in workers) else "human preference labels (OpenAI)"
         curve = calibration(chosen, rejected, out / f"calibration_{split}.png", f"{split} (n={len(data)})")
         sections.append(
-            f"### {split}: accuracy {accuracy:.4f} (n={len(data)}, labels: {labels})\n\n"
+            f"### {split}: accuracy {accuracy:.4f} [95% CI {low:.3f}, {high:.3f}] (n={len(data)}, labels: {labels}); \"the longer summary wins\": {length_rule:.4f}\n\n"
             f"![calibration](calibration_{split}.png)\n\n"
             f"By confidence:\n\n{markdown_table(accuracy_by(chosen, rejected, data['confidence']), ['group', 'n', 'accuracy'])}\n\n"
             f"By policy pair:\n\n{markdown_table(accuracy_by(chosen, rejected, data['policies']), ['group', 'n', 'accuracy'])}\n\n"
@@ -344,8 +351,8 @@ def main(cfg: Config) -> None:
     for step in bar:
         lr = get_lr(step, lr=cfg.lr, min_lr=0.0, warmup_steps=warmup_steps, decay_steps=total_steps)
         set_lr(optimizer, lr)
-        if step % cfg.eval_interval == 0 and (step > start_step or resume):
-            evaluate_and_checkpoint(step, save=step > start_step)  # a resumed run logs its first evaluation again
+        if step % cfg.eval_interval == 0:  # step 0 included: the starting model's accuracy; a resumed run logs its first evaluation again
+            evaluate_and_checkpoint(step, save=step > start_step)
 
         indices = batch_indices(step, len(train), cfg.batch_size, cfg.seed)
         stats = train_step(score_fn, model, optimizer, train, indices, pair_lengths, cfg, runtime, step, out)
@@ -378,6 +385,9 @@ def main(cfg: Config) -> None:
     records = read_metrics(out / "metrics.jsonl")
     plot_curves(records, ["train/loss", "train/accuracy", "val/accuracy", "lr"], out / "curves.png", "reward model")
     results = "\n".join(f"- **{k}**: {v:.4f}" for k, v in {**metrics, **norm}.items())
+    during = [r["val/accuracy"] for r in records if "val/accuracy" in r]  # step 0 is the untrained head on its backbone
+    if during:
+        results = f"- **val/accuracy** ({len(val_rows)} validation pairs): step 0 {during[0]:.4f} -> end {during[-1]:.4f}\n{results}"
     (out / "report.md").write_text(
         f"# Reward model report\n\n## Results\n\n{results}\n\n![training curves](curves.png)\n\n"
         f"## Normalisation\n\nMean score of {len(sft)} SFT reference summaries: {norm['norm/reference_mean_before']:.4f} before, "
