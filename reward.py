@@ -318,7 +318,10 @@ def main(cfg: Config) -> None:
         model.gradient_checkpointing_enable()
     model.train()
     # each query runs once for both summaries (not under gradient checkpointing, which drops the cache)
-    pair_fn = functools.partial(get_pair_scores, share_prefix=not cfg.gradient_checkpointing)
+    # (nor under FSDP2: the cache's keys and values reach the layers' weights in the backward pass
+    # without passing FSDP2's hooks, which have already freed the gathered weights)
+    sharded = cfg.strategy == "fsdp2" and runtime.world_size > 1
+    pair_fn = functools.partial(get_pair_scores, share_prefix=not (cfg.gradient_checkpointing or sharded))
     score_fn = distribute(model, pair_fn, runtime, cfg.strategy)  # DDP/FSDP2 under torchrun
     optimizer = make_optimizer(
         list(model.parameters()), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8, kind=cfg.optimizer,

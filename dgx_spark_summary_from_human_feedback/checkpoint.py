@@ -68,7 +68,40 @@ def make_output_dir(path: str | Path, option: str = "--output-dir") -> Path:
         raise InputError(f"cannot create output directory {path} ({e.strerror}): pass a writable {option}") from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise InputError(f"output directory {path} is not writable: pass a writable {option}")
+    check_shared(out, option)
     return out
+
+
+def check_shared(out: Path, option: str = "--output-dir") -> None:
+    """Under torchrun, only rank 0 writes checkpoints and the final model, and every process reads
+    them back (--resume, FSDP2's final export, the next stage's input): on two machines the output
+    directory must be one shared filesystem, mounted at the same path on both. Checked up front
+    (rank 0 writes a random token, every process must read it back), so that a second node never
+    resumes from step 0 beside a first that resumed from its checkpoint."""
+    import socket
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    probe = out / f".shared_check_{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}"
+    token = [os.urandom(8).hex() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    if dist.get_rank() == 0:
+        probe.write_text(token[0])
+    dist.barrier()
+    seen = probe.read_text() if probe.exists() else None
+    views = [None] * dist.get_world_size()
+    dist.all_gather_object(views, (dist.get_rank(), socket.gethostname(), seen == token[0]))
+    dist.barrier()  # everyone has read it before rank 0 removes it
+    if dist.get_rank() == 0:
+        probe.unlink(missing_ok=True)
+    blind = [f"rank {rank} on {host}" for rank, host, ok in views if not ok]
+    if blind:
+        raise InputError(
+            f"{option} {out} is not shared storage: {', '.join(blind)} cannot see what rank 0 writes there; "
+            "on several machines put it (and the input checkpoints) on a shared filesystem mounted at the same path on every machine"
+        )
 
 
 def step_dirs(out_dir: str | Path) -> list[Path]:

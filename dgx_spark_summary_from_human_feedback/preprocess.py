@@ -8,6 +8,7 @@ raw rows processes them here too (`load_stage_data`), with its own tokenizer.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -24,6 +25,7 @@ from .data import (
     QUERY_FORMAT,
     Lengths,
     check_pad_is_not_eos,
+    encode,
     fit_queries,
     is_processed,
     left_pad,
@@ -366,7 +368,39 @@ def load_stage_data(
     top = max(max(max(ids) for ids in ds[s][:256][key]) for s in splits)
     if top >= len(tokenizer):
         raise InputError(f"{dataset}: token id {top} is outside the tokenizer's {len(tokenizer)} ids: the data was made with another tokenizer")
+    check_same_tokenizer(ds[splits[0]], tokenizer, dataset)
     return ds
+
+
+def vocabulary_sha256(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash of the tokenizer's whole vocabulary (added tokens such as [PAD] included): recorded
+    with every processed dataset (processing.json, the card), so that its ids can be traced."""
+    return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
+
+
+def check_same_tokenizer(rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, dataset: str, n: int = 8) -> None:
+    """A processed dataset's ids must be this tokenizer's. Its record says so where there is one
+    (processing.json of a local save_to_disk directory); every processed dataset, ours or N+'s,
+    local or from the Hub, is also checked by content: the query text of its first rows must
+    encode to its query ids. N+'s datasets have our columns but Pythia's ids, which fit inside
+    Qwen's vocabulary and would otherwise train on garbage silently."""
+    record = Path(dataset).expanduser() / "processing.json"
+    recorded = json.loads(record.read_text()).get("params", {}).get("tokenizer_vocab_sha256") if record.is_file() else None
+    if recorded and recorded != vocabulary_sha256(tokenizer):
+        raise InputError(
+            f"{dataset} was processed with another tokenizer (vocabulary sha256 {recorded[:12]}..., this run's {vocabulary_sha256(tokenizer)[:12]}...): "
+            "pass the raw data (processed now with the run's tokenizer) or process it again with this model's --tokenizer"
+        )
+    if "query" not in rows.column_names:
+        return
+    for row in rows.select(range(min(n, len(rows)))):
+        expected = encode(tokenizer, row["query"])
+        if list(row["query_token"][len(row["query_token"]) - len(expected) :]) != expected:
+            raise InputError(
+                f"{dataset}: row {row.get('id', '?')}: its query_token ids are not this tokenizer's encoding of its query text, so it was "
+                "processed with another tokenizer (N+'s datasets: Pythia's): pass the raw data (processed now with the run's tokenizer) "
+                "or process it again with this model's --tokenizer"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -518,7 +552,10 @@ def build(cfg, kind: str, lengths: Lengths, config_name: str | None = None) -> N
     process, title, column_docs, length_columns = PRODUCTS[kind]
     report = Report()
     ds = process(raw, tokenizer, lengths, long_response=cfg.long_response, skip_bad_rows=cfg.skip_bad_rows, report=report)
-    params = {**asdict(cfg), "pad_token": tokenizer.pad_token, "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    params = {
+        **asdict(cfg), "pad_token": tokenizer.pad_token, "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "tokenizer_name": tokenizer.name_or_path, "tokenizer_vocab_sha256": vocabulary_sha256(tokenizer),
+    }  # fmt: skip
     save_processed(
         ds,
         cfg.output_dir,

@@ -321,6 +321,39 @@ def _(t):
     ]
 
 
+@case("sft/processed-dataset-of-a-foreign-tokenizer-whose-ids-fit")
+def _(t):
+    """As N+'s datasets (Pythia's ids, all inside Qwen's vocabulary): ids of a 501-token
+    tokenizer all fit the tiny tokenizer's 789, so only the content check can tell."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from dgx_spark_summary_from_human_feedback.data import load_raw, load_tokenizer
+
+    vocab = {tiny.EOS: 0, **{f"w{i}": i + 1 for i in range(499)}, "[UNK]": 500}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, eos_token=tiny.EOS, unk_token="[UNK]").save_pretrained(str(t.tmp / "foreign"))
+    raw = load_raw(str(tiny.SFT_DIR))
+    process_sft(datasets.DatasetDict({s: raw[s] for s in ("train", "validation")}), load_tokenizer(str(t.tmp / "foreign"))).save_to_disk(str(t.tmp / "processed"))
+    return ["sft.py", *SFT_SHORT, "--dataset", t.tmp / "processed", "--output-dir", t.tmp / "out"], [
+        f"{t.tmp / 'processed'}: row", "its query_token ids are not this tokenizer's encoding of its query text", "pass the raw data",
+    ]  # fmt: skip
+
+
+@case("sft/processed-dataset-recorded-with-another-tokenizer")
+def _(t):
+    """processing.json records the tokenizer's vocabulary hash; another one stops the run."""
+    out = t.tmp / "processed"
+    result = run(*module("process_sft_dataset"), "--dataset", tiny.SFT_DIR, "--tokenizer", TOKENIZER, "--output-dir", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads((out / "processing.json").read_text())
+    assert len(record["params"]["tokenizer_vocab_sha256"]) == 64
+    record["params"]["tokenizer_vocab_sha256"] = "0" * 64  # as if made with another vocabulary
+    (out / "processing.json").write_text(json.dumps(record))
+    return ["sft.py", *SFT_SHORT, "--dataset", out, "--output-dir", t.tmp / "out"], [f"{out} was processed with another tokenizer (vocabulary sha256 000000000000..."]
+
+
 @case("sft/processed-dataset-of-another-tokenizer")
 def _(t):
     from dgx_spark_summary_from_human_feedback.data import load_raw, load_tokenizer
