@@ -333,7 +333,7 @@ def bench_ppo(ctx: Context, ws: Workspace, batch: int, updates: int) -> dict:
     import common
     import ppo
     from dgx_spark_summary_from_human_feedback.data import load_tokenizer
-    from dgx_spark_summary_from_human_feedback.generation import generate
+    from dgx_spark_summary_from_human_feedback.rollout import sample_responses
     from dgx_spark_summary_from_human_feedback.models import load_policy
     from dgx_spark_summary_from_human_feedback.training import batch_indices, setup_runtime
 
@@ -359,22 +359,21 @@ def bench_ppo(ctx: Context, ws: Workspace, batch: int, updates: int) -> dict:
         metrics = update(k, tick)
         timed.append({"update_s": marks["update"] - marks["start"], "rollout_s": marks["rollout"] - marks["start"],
                       "train_s": marks["update"] - marks["rollout"], "response_length": metrics["response_length"]})  # fmt: skip
-    # decoding alone: one generation chunk of the longest queries (the rollout's first), timed once
-    policy = load_policy(cfg.sft_path, tokenizer, dtype=runtime.param_dtype, device=runtime.device).eval()
-    queries, query_mask = ppo.query_batch({k: v[: cfg.generation_batch_size] for k, v in rows.items()}, runtime.device)
-    with runtime.autocast():
-        generate(policy, queries, query_mask, max_new_tokens=cfg.response_length, temperature=cfg.temperature)
-        tick("start")
-        generate(policy, queries, query_mask, max_new_tokens=cfg.response_length, temperature=cfg.temperature)
-        tick("generated")
+    # decoding alone: the rollout's sampling (`rollout.sample_responses`) once more, timed
+    policy = load_policy(cfg.sft_path, tokenizer, dtype=runtime.param_dtype, device=runtime.device)
+    queries, query_mask = ppo.query_batch(rows, runtime.device)
+    sampling = dict(response_length=cfg.response_length, temperature=cfg.temperature, batch_size=cfg.generation_batch_size, autocast=runtime.autocast)
+    tick("start")
+    sample_responses(policy, queries, query_mask, tokenizer, **sampling)
+    tick("generated")
     chunks = -(-batch // cfg.generation_batch_size)
-    generation_s = (marks["generated"] - marks["start"]) * chunks
+    generation_s = marks["generated"] - marks["start"]
     means = {k: sum(u[k] for u in timed[1:]) / max(len(timed) - 1, 1) for k in ("update_s", "rollout_s", "train_s")}
     means.update(generation_s=generation_s, rollout_forward_s=means["rollout_s"] - generation_s)
     settings = {k: getattr(cfg, k) for k in ("response_length", "generation_batch_size", "forward_batch_size", "micro_batch_size", "ppo_epochs", "num_minibatches")}
     return {
         "method": "ppo.load_models + ppo_rollout / rewards_and_advantages / ppo_update / update_metrics (bench/common.ppo_update_fn); "
-        "generation_s from one generate() chunk x chunks",
+        "generation_s: rollout.sample_responses on the same queries, timed alone",
         "batch_size": batch, **settings, "optimizer": ctx.optimizer, "context_length": int(rows["query_token_len"].max()),
         "timed_updates": timed, "timed_means": means, "episodes_per_s": batch / means["update_s"],
         "work_per_update": sp.ppo_update_work(ctx.shape, batch, int(rows["query_token_len"].max()), settings, ctx.optimizer),

@@ -83,6 +83,44 @@ class Rollout:
 
 
 @torch.no_grad()
+def sample_responses(
+    policy,
+    queries,
+    query_mask,
+    tokenizer,
+    *,
+    response_length: int,
+    temperature: float,
+    batch_size: int,
+    generator=None,
+    autocast=contextlib.nullcontext,
+    trim_padding: bool = True,
+    decoding: Decoding = "eager",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample exactly `response_length` tokens after each left-padded query (EOS not special),
+    `batch_size` queries at a time, and truncate after the first EOS: (B, R) responses, their
+    mask and (B,) has_eos (`generation.truncate_after_eos`)."""
+    policy.eval()
+    responses = []
+    for s in range(0, len(queries), batch_size):
+        q, qm = queries[s : s + batch_size], query_mask[s : s + batch_size]
+        f = first_real_column(qm) if trim_padding else 0
+        with autocast():
+            sampled = generate(
+                policy,
+                q[:, f:],
+                qm[:, f:],
+                max_new_tokens=response_length,
+                temperature=temperature,
+                generator=generator,
+                decoding=decoding,
+            )
+        responses.append(sampled)
+    policy.train()
+    return truncate_after_eos(torch.cat(responses), tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+
+@torch.no_grad()
 def rollout(
     policy,
     ref_policy,
@@ -117,26 +155,18 @@ def rollout(
     def first(mask):
         return first_real_column(mask) if trim_padding else 0
 
-    policy.eval()
-    responses = []
-    for s in range(0, B, generation_batch_size):
-        q, qm = queries[s : s + generation_batch_size], query_mask[s : s + generation_batch_size]
-        f = first(qm)
-        with autocast():
-            responses.append(
-                generate(
-                    policy,
-                    q[:, f:],
-                    qm[:, f:],
-                    max_new_tokens=response_length,
-                    temperature=temperature,
-                    generator=generator,
-                    decoding=decoding,
-                )
-            )
-    policy.train()
-    responses, response_mask, has_eos = truncate_after_eos(
-        torch.cat(responses), tokenizer.eos_token_id, tokenizer.pad_token_id
+    responses, response_mask, has_eos = sample_responses(
+        policy,
+        queries,
+        query_mask,
+        tokenizer,
+        response_length=response_length,
+        temperature=temperature,
+        batch_size=generation_batch_size,
+        generator=generator,
+        autocast=autocast,
+        trim_padding=trim_padding,
+        decoding=decoding,
     )
     query_responses = torch.cat([queries, responses], dim=1)
     attention_mask = torch.cat([query_mask, response_mask.long()], dim=1)
