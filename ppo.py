@@ -373,7 +373,8 @@ def ppo_update(
             if i % grad_accum_steps == 0:  # real tokens of the minibatch this micro-batch opens, all processes
                 # (a mean per process would weight unequal token counts unequally; / world_size
                 # undoes the average over processes that DDP applies to the gradients)
-                minibatch_tokens = all_reduce_sum(mask[order[start : start + minibatch_size]].sum(), runtime) / runtime.world_size
+                minibatch_tokens = mask[order[start : start + minibatch_size]].sum()
+                minibatch_tokens = all_reduce_sum(minibatch_tokens, runtime) / runtime.world_size
             mb = order[start : start + micro_batch_size]
             f = first_real_column(batch.query_mask[mb]) if trim_padding else 0  # all-padding leading columns
             mb_query_responses, mb_attention_mask = batch.query_responses[mb, f:], batch.attention_mask[mb, f:]
