@@ -313,11 +313,13 @@ def main(cfg: Config) -> dict:
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     policy.train()
-    # each query runs once for both summaries (not under gradient checkpointing, which drops the cache)
-    logprobs_fn = distribute(policy, functools.partial(get_pair_logprobs, share_prefix=not cfg.gradient_checkpointing), runtime, cfg.strategy)
+    # each query runs once for both summaries; not under gradient checkpointing, which drops the
+    # cache, nor under FSDP2, whose hooks the cache's keys and values bypass (as in reward.py)
+    sharded = cfg.strategy == "fsdp2" and runtime.world_size > 1
+    logprobs_fn = distribute(policy, functools.partial(get_pair_logprobs, share_prefix=not (cfg.gradient_checkpointing or sharded)), runtime, cfg.strategy)
     optimizer = make_optimizer(
         list(policy.parameters()), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8, kind=cfg.optimizer,
-        device=runtime.device, sharded=cfg.strategy == "fsdp2" and runtime.world_size > 1,
+        device=runtime.device, sharded=sharded,
     )  # fmt: skip
     start_step = 0
     if resume:

@@ -151,3 +151,27 @@ def test_ppo_two_processes_complete(tmp_path, sft_single):
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3  # 48 episodes / 16 per update, logged once (rank 0)
     assert (out / "model.safetensors").exists() and (out / "checkpoints" / "step_000003" / "value" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_dpo_two_processes_match_one(tmp_path, sft_single, strategy):
+    """Reference log-probs computed in shares and gathered, and the DPO steps, under two processes."""
+    single, double = tmp_path / "one", tmp_path / "two"
+    run("dpo.py", *SMOKE, *NO_CLIP, "--sft-path", str(sft_single), "--output-dir", str(single))
+    run("dpo.py", *SMOKE, *NO_CLIP, "--sft-path", str(sft_single), "--strategy", strategy, "--output-dir", str(double), nproc=2)
+    a, b = load_file(str(single / "reference_logprobs.safetensors")), load_file(str(double / "reference_logprobs.safetensors"))
+    assert a.keys() == b.keys() and all(torch.count_nonzero(b[k]) == b[k].numel() for k in b)  # every row filled by some process
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=0, msg=k)
+    assert_close(single, double, atol=1e-4)
+    assert_same_grad_norms(single, double)
+
+
+def test_grpo_two_processes_complete(tmp_path, sft_single):
+    rm = tmp_path / "rm"
+    run("reward.py", *SMOKE, "--sft-path", str(sft_single), "--output-dir", str(rm))
+    out = tmp_path / "grpo"
+    run("grpo.py", "--preset", "smoke", "--sft-path", str(sft_single), "--reward-path", str(rm), "--total-episodes", "48", "--output-dir", str(out), nproc=2)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3  # 48 episodes / 16 per update (2 queries x 4 responses per process), logged once (rank 0)
+    assert (out / "model.safetensors").exists() and not (out / "checkpoints" / "step_000003" / "value").exists()
