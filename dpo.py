@@ -1,5 +1,5 @@
-"""Direct preference optimisation on TL;DR comparisons (Rafailov et al. 2023, sec. 4 and 6.1;
-N+ (arXiv 2403.17031), its TL;DR DPO baseline).
+"""Direct preference optimisation on TL;DR comparisons (Rafailov et al. 2023, the DPO loss and
+its TL;DR experiment; N+ (arXiv 2403.17031), its TL;DR DPO baseline).
 
     python dpo.py --sft-path out/sft                                          # N+'s TL;DR DPO recipe
     python dpo.py --preset smoke --sft-path out/smoke/sft --output-dir out/smoke/dpo   # offline, CPU

@@ -1,5 +1,5 @@
-"""Online RL without a value model: GRPO (Shao et al. 2024, DeepSeekMath sec. 4.1) and RLOO
-(Ahmadian et al. 2024, sec. 3), on the rollouts of ppo.py.
+"""Online RL without a value model: GRPO (Shao et al. 2024, DeepSeekMath) and RLOO (Ahmadian et
+al. 2024, "Back to Basics"), on the rollouts of ppo.py.
 
     python grpo.py --sft-path out/sft --reward-path out/reward                  # GRPO, k = 8
     python grpo.py --advantage rloo --sft-path out/sft --reward-path out/reward # RLOO
