@@ -19,7 +19,7 @@ from typing import Literal
 
 from . import cli
 from .data import Lengths
-from .preprocess import build
+from .publish import build
 
 
 @dataclass
