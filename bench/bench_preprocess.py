@@ -11,8 +11,8 @@ counts and the share of queries over 512 tokens follow the real distribution whi
 are identical (no cache in the tokenizer can help).
 
 Timed: `process_sft_dataset.main` (the CLI a user runs: load the JSONL, `preprocess.process_sft` with
-query 512, response 63, long responses truncated, length statistics, `save_to_disk`), phase by
-phase. Tokenizers (the Qwen2.5 tokenizer cannot be loaded offline):
+query 512, response 63, long responses truncated, length statistics, `save_to_disk`), as a
+whole (`profile_ours.py preprocess` shows where the time goes). Tokenizers (the Qwen2.5 tokenizer cannot be loaded offline):
 - sample: bench/common.py's 8,192-token BPE, whose token counts on the real sample match
   Qwen2.5's (query median 352 vs 338; ~2% of queries over 512 tokens, so the truncation
   search runs as often as it would with Qwen);
@@ -65,34 +65,11 @@ def write_synthetic(path: Path, n: int, seed: int = 0) -> dict:
 
 
 def timed_cli(jsonl: Path, tokenizer_dir: Path, out: Path) -> dict:
-    """Run the CLI's main once; seconds per phase (load, process, save) and in all."""
-    phases: dict[str, float] = {}
-    module = process_sft_dataset
-
-    def wrap(name):
-        real = getattr(module, name)
-
-        def timed(*args, **kwargs):
-            t = time.perf_counter()
-            result = real(*args, **kwargs)
-            phases[name] = phases.get(name, 0.0) + time.perf_counter() - t
-            return result
-
-        return real, timed
-
-    originals = {}
-    for name in ("load_tokenizer", "load_raw", "process_sft", "save_processed"):
-        originals[name], wrapped = wrap(name)
-        setattr(module, name, wrapped)
-    try:
-        cfg = module.Config(dataset=str(jsonl), tokenizer=str(tokenizer_dir), output_dir=str(out), long_response="truncate")
-        t = time.perf_counter()
-        module.main(cfg)
-        phases["total"] = time.perf_counter() - t
-    finally:
-        for name, real in originals.items():
-            setattr(module, name, real)
-    return phases
+    """Seconds of the CLI's main, once (load, process, statistics, save, card)."""
+    cfg = process_sft_dataset.Config(dataset=str(jsonl), tokenizer=str(tokenizer_dir), output_dir=str(out), long_response="truncate")
+    t = time.perf_counter()
+    process_sft_dataset.main(cfg)
+    return {"total": time.perf_counter() - t}
 
 
 def main() -> None:
