@@ -144,15 +144,23 @@ def hub_rows(hub: LocalHub, repo_id: str, path: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def pushed_datasets(hub, tmp_path_factory):
+def model_tokenizer(tmp_path_factory) -> str:
+    """The smoke model's tokenizer (a tiny model directory): the datasets the stages train on are
+    processed with the model's own tokenizer, as a user does (`--tokenizer` the model)."""
+    return str(tiny.write_model(tmp_path_factory.mktemp("tiny_model")))
+
+
+@pytest.fixture(scope="module")
+def pushed_datasets(hub, model_tokenizer, tmp_path_factory):
     """Both process scripts with their default --dataset (the Hub sources), pushed to alice/."""
     tmp = tmp_path_factory.mktemp("pushed_datasets")
-    sft = run(hub, tmp, "-m", f"{PKG}.process_sft_dataset", "--tokenizer", TOKENIZER, "--output-dir", tmp / "sft", "--push-to-hub", f"{USER}/tldr-sft")
-    comparisons = run(hub, tmp, "-m", f"{PKG}.process_comparison_dataset", "--tokenizer", TOKENIZER, "--output-dir", tmp / "comparisons", "--push-to-hub", f"{USER}/tldr-comparisons")
+    args = ["--tokenizer", model_tokenizer, "--output-dir"]
+    sft = run(hub, tmp, "-m", f"{PKG}.process_sft_dataset", *args, tmp / "sft", "--push-to-hub", f"{USER}/tldr-sft")
+    comparisons = run(hub, tmp, "-m", f"{PKG}.process_comparison_dataset", *args, tmp / "comparisons", "--push-to-hub", f"{USER}/tldr-comparisons")
     return tmp, ok(sft), ok(comparisons)
 
 
-def test_source_datasets_load_by_their_default_names_as_the_local_fixtures_do(hub, pushed_datasets, tmp_path):
+def test_source_datasets_load_by_their_default_names_as_the_local_fixtures_do(hub, pushed_datasets, model_tokenizer, tmp_path):
     tmp, _, _ = pushed_datasets
     assert f"GET /api/datasets/{COMPARISON_SOURCE}/revision/refs%2Fconvert%2Fparquet 200" in hub.log  # the export, not the script
     local_args = {
@@ -160,7 +168,7 @@ def test_source_datasets_load_by_their_default_names_as_the_local_fixtures_do(hu
         "process_comparison_dataset": ["--dataset", tiny.COMPARISONS_FILE],
     }
     for (script, args), name in zip(local_args.items(), ("sft", "comparisons")):
-        ok(run(hub, tmp_path, "-m", f"{PKG}.{script}", *args, "--tokenizer", TOKENIZER, "--output-dir", tmp_path / name))
+        ok(run(hub, tmp_path, "-m", f"{PKG}.{script}", *args, "--tokenizer", model_tokenizer, "--output-dir", tmp_path / name))
         from_hub, from_files = datasets.load_from_disk(str(tmp / name)), datasets.load_from_disk(str(tmp_path / name))
         assert sorted(from_hub) == sorted(from_files)
         for split in from_hub:
