@@ -185,6 +185,8 @@ def test_smoke_run_learns_from_where_it_started(reward_smoke_dir, sft_smoke_dir)
     )  # fmt: skip
     metrics = final_metrics(reward_smoke_dir)  # the run's own final evaluation is what we scored
     assert accuracy == pytest.approx(metrics["eval/validation/accuracy"]) and margin == pytest.approx(metrics["eval/validation/margin"], abs=1e-3)
+    step0 = next(r for r in read_metrics(reward_smoke_dir / "metrics.jsonl") if r["step"] == 0 and "val/accuracy" in r)
+    assert step0["val/accuracy"] == pytest.approx(accuracy0) and step0["val/margin"] == pytest.approx(margin0, abs=1e-4)  # and its step-0 one
     assert abs(margin0) < 0.5 and abs(loss0 - math.log(2)) < 0.1, (margin0, loss0)  # the start is untrained
     assert loss < loss0 / 4, (loss0, loss)
     assert margin > margin0 + 2.0, (margin0, margin)
