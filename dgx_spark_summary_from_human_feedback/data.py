@@ -308,26 +308,32 @@ def _type_error(value, feature, where: str) -> str | None:
     return None
 
 
+def json_lines(file: str | Path):
+    """(line number, value) per non-blank line of a JSON-lines file; a line that is not JSON
+    stops with one line naming the file and the line."""
+    with open(file, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{file} line {n}: not JSON ({e.msg}): fix or delete that line") from None
+                yield n, value
+
+
 def _check_json_lines(file: str, features: datasets.Features | None) -> set[str]:
     """The top-level keys of a .jsonl file; names the first line that is not JSON, and (with
     `features`) the first value whose type the schema cannot hold (a number where text belongs)."""
     columns: set[str] = set()
-    with open(file, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{file} line {n}: not JSON ({e.msg}): fix or delete that line") from None
-            if not isinstance(row, dict):
-                raise InputError(f"{file} line {n}: a JSON {type(row).__name__}, not an object: one row per line")
-            columns.update(row)
-            if features is not None:
-                error = next((e for k, f in features.items() if (e := _type_error(row.get(k), f, k))), None)
-                if error:
-                    info = row.get("info") if isinstance(row.get("info"), dict) else row
-                    raise InputError(f"{file} line {n}: row {info.get('id', '?')}: {error}: fix that row")
+    for n, row in json_lines(file):
+        if not isinstance(row, dict):
+            raise InputError(f"{file} line {n}: a JSON {type(row).__name__}, not an object: one row per line")
+        columns.update(row)
+        if features is not None:
+            error = next((e for k, f in features.items() if (e := _type_error(row.get(k), f, k))), None)
+            if error:
+                info = row.get("info") if isinstance(row.get("info"), dict) else row
+                raise InputError(f"{file} line {n}: row {info.get('id', '?')}: {error}: fix that row")
     return columns
 
 

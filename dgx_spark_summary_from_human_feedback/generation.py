@@ -21,7 +21,7 @@ import torch
 
 from . import cli
 from .checkpoint import make_output_dir
-from .data import is_processed, left_pad, load_processed, load_raw, load_tokenizer, truncate_query
+from .data import is_processed, json_lines, left_pad, load_processed, load_raw, load_tokenizer, truncate_query
 from .errors import InputError
 from .models import load_policy, position_ids
 from .preprocess import sft_query_fields
@@ -264,13 +264,7 @@ def load_rows(dataset: str | None, split: str, num_samples: int, prompt_file: st
         if not path.exists():
             raise InputError(f"prompt file {prompt_file} does not exist")
         rows = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{prompt_file} line {n}: not JSON ({e.msg})") from None
+        for n, row in json_lines(path):
             if isinstance(row, str):
                 row = {"subreddit": "", "title": "", "post": row}
             if not isinstance(row, dict):
