@@ -131,6 +131,32 @@ def test_evaluate_with_a_judge_reports_it_and_reruns_from_the_cache(pipeline_dir
         assert path.suffix == ".png" or "sk-fake-123" not in path.read_text(), path.name
 
 
+@pytest.mark.slow
+def test_evaluate_judges_every_policy_head_to_head_against_ppo(pipeline_dir, tmp_path):
+    """--head-to-head-against: each other policy against PPO's summaries on the same posts, by the
+    reward model and by the LLM judge, each with n and a CI, in the report and in the result."""
+    out = tmp_path / "eval"
+    policies = [pipeline_dir / m for m in ("sft", "ppo", "dpo", "grpo")]
+    with FakeJudge() as server:
+        args = [a for p in policies for a in ("--policy", str(p))]
+        args += ["--head-to-head-against", str(pipeline_dir / "ppo"), "--reward-path", str(pipeline_dir / "reward"), "--dataset", str(tiny.SFT_DIR),
+                 "--num-samples", "4", "--judge-url", server.url, "--judge-model", "fake", "--output-dir", str(out)]  # fmt: skip
+        result = run_module("evaluate", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (out / "report.md").read_text()
+    section = report.split(f"## Head to head against `{pipeline_dir / 'ppo'}`")[1].split("\n## ")[0]
+    for m in ("sft", "dpo", "grpo"):
+        rm_line = re.search(rf"- `{re.escape(str(pipeline_dir / m))}`, judge reward model .*: {WIN_RATE}", section)
+        llm_line = re.search(rf"- `{re.escape(str(pipeline_dir / m))}`, judge `fake` .*: {WIN_RATE}", section)
+        assert rm_line and llm_line, section
+        assert int(rm_line.group(4)) == 4 and int(llm_line.group(4)) + int(llm_line.group(5)) == 4
+        samples = [s for s in read_jsonl(out / "samples.jsonl") if s["policy"] == str(pipeline_dir / m)]
+        ppo_samples = [s for s in read_jsonl(out / "samples.jsonl") if s["policy"] == str(pipeline_dir / "ppo")]
+        wins = [1.0 if a["score"] > b["score"] else 0.5 if a["score"] == b["score"] else 0.0 for a, b in zip(samples, ppo_samples)]
+        assert float(rm_line.group(1)) == pytest.approx(sum(wins) / 4, abs=1e-3)
+    assert f"`{pipeline_dir / 'ppo'}`, judge" not in section  # not against itself
+
+
 # ---- evaluate on real posts
 
 
