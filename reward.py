@@ -55,8 +55,8 @@ from dgx_spark_summary_from_human_feedback.training import (
 
 @dataclass
 class Config:
-    preset: Literal["spark", "smoke"] = "spark"
-    """spark: the full recipe; smoke: tiny model + bundled fixtures, offline on CPU"""
+    preset: Literal["spark", "quick", "smoke"] = "spark"
+    """spark: the full recipe; quick: ~1 h on one Spark (Qwen2.5-0.5B, a slice of the Hub data); smoke: tiny model + bundled fixtures, offline on CPU"""
     sft_path: str = "out/sft"
     """SFT checkpoint: the backbone (N+ detail 9) and always the tokenizer"""
     base_model: str | None = None
@@ -127,6 +127,12 @@ PRESETS = {
         preset="smoke", sft_path="out/smoke/sft", dataset=str(tiny.COMPARISONS_FILE), sft_dataset=str(tiny.SFT_DIR),
         output_dir="out/smoke/reward", epochs=6, batch_size=16, micro_batch_size=8, lr=2e-3, eval_interval=12,
         num_eval_rows=64, num_norm_rows=0,
+    ),
+    # a first hour on one Spark: 40 steps of 128 pairs from the quick SFT model; accuracy on 512
+    # pairs at steps 0, 20, 40, then on 1,024 pairs per validation split; offset from 1,024 references
+    "quick": dict(
+        preset="quick", sft_path="out/quick/sft", output_dir="out/quick/reward", max_steps=40, eval_interval=20, num_eval_rows=512,
+        max_final_eval_rows=1024, num_norm_rows=1024,
     ),
 }  # fmt: skip
 

@@ -45,8 +45,8 @@ from dgx_spark_summary_from_human_feedback.training import (
 
 @dataclass
 class Config:
-    preset: Literal["spark", "smoke"] = "spark"
-    """spark: the full recipe; smoke: tiny model + bundled fixtures, offline on CPU"""
+    preset: Literal["spark", "quick", "smoke"] = "spark"
+    """spark: the full recipe; quick: ~1 h on one Spark (Qwen2.5-0.5B, a slice of the Hub data); smoke: tiny model + bundled fixtures, offline on CPU"""
     model: str = "Qwen/Qwen2.5-0.5B"
     """base model (Hub name or directory); `tiny` builds the random 2-layer Qwen2 of tiny.py"""
     dataset: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
@@ -121,6 +121,9 @@ PRESETS = {
         micro_batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=5, decay_steps=60, eval_interval=10, num_eval_rows=32,
         num_eval_samples=8,
     ),
+    # a first hour on one Spark (bench/quick_projection.py): the recipe's model, data and lr on the
+    # first 15,360 posts of a random order, cosine over those 120 steps instead of 800 (issue 14)
+    "quick": dict(preset="quick", output_dir="out/quick/sft", max_steps=120, decay_steps=120, eval_interval=40, num_eval_samples=64),
 }  # fmt: skip
 
 

@@ -34,8 +34,8 @@ REPO = Path(__file__).resolve().parents[1]  # the stage scripts live at the repo
 
 @dataclass
 class Config:
-    preset: Literal["smoke", "spark"] = "smoke"
-    """smoke: tiny models and bundled fixtures on CPU; spark: the full recipe on the Hub datasets"""
+    preset: Literal["smoke", "quick", "spark"] = "smoke"
+    """smoke: tiny models and bundled fixtures on CPU; quick: ~1 h on one Spark (Qwen2.5-0.5B, a slice of the Hub data, PPO); spark: the full recipe on the Hub datasets"""
     output_dir: str = "out/pipeline"
     """OUT/sft, OUT/reward, OUT/ppo, OUT/eval and the combined OUT/report.md"""
     nproc_per_node: int = 1
@@ -53,7 +53,7 @@ class Config:
     grpo_args: str = ""
     """extra flags for grpo.py (e.g. --advantage rloo)"""
     eval_samples: int | None = None
-    """validation posts per policy in the evaluation (smoke: 16, spark: 512)"""
+    """validation posts per policy in the evaluation (smoke: 16, quick: 256, spark: 512)"""
     judge_url: str | None = None
     """optional OpenAI-compatible LLM judge for the evaluation"""
     judge_model: str | None = None
@@ -79,9 +79,11 @@ def main(cfg: Config) -> None:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise InputError(f"--methods {cfg.methods!r}: pick from {', '.join(METHODS)} (comma-separated)")
+    if cfg.preset == "quick" and methods != ["ppo"]:
+        raise InputError(f"--preset quick sizes SFT, reward model and PPO only (not {', '.join(m for m in methods if m != 'ppo')}): drop --methods or use --preset spark")
     out = Path(cfg.output_dir).resolve()
     sft, rm, ev = out / "sft", out / "reward", out / "eval"
-    preset = ["--preset", "smoke"] if cfg.preset == "smoke" else []
+    preset = ["--preset", cfg.preset] if cfg.preset in ("smoke", "quick") else []
 
     def resume(stage_dir: Path) -> list[str]:
         return ["--resume"] if latest_checkpoint(stage_dir) else []
@@ -101,7 +103,7 @@ def main(cfg: Config) -> None:
             policy=[str(p) for p in policies], reward_path=str(rm), head_to_head=len(policies) > 1, output_dir=str(ev),
             head_to_head_against=str(out / "ppo") if "ppo" in methods and len(methods) > 1 else None,
             dataset=str(tiny.SFT_DIR) if cfg.preset == "smoke" else evaluate.Config.dataset,
-            num_samples=cfg.eval_samples or (16 if cfg.preset == "smoke" else 512), judge_url=cfg.judge_url, judge_model=cfg.judge_model,
+            num_samples=cfg.eval_samples or {"smoke": 16, "quick": 256}.get(cfg.preset, 512), judge_url=cfg.judge_url, judge_model=cfg.judge_model,
         )
     )  # fmt: skip
     times["evaluate"] = time.time() - start

@@ -268,7 +268,7 @@ def _(t):
 
 @case("sft/unknown-preset")
 def _(t):
-    return ["sft.py", "--preset", "tiny", "--output-dir", t.tmp / "out"], ["--preset must be one of ['smoke', 'spark']"]
+    return ["sft.py", "--preset", "tiny", "--output-dir", t.tmp / "out"], ["--preset must be one of ['quick', 'smoke', 'spark']"]
 
 
 @case("sft/preset-spark-with-a-missing-dataset")

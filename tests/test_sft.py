@@ -123,7 +123,7 @@ def test_help_documents_every_config_field():
     assert result.returncode == 0
     for f in fields(sft.Config):
         assert f"--{f.name.replace('_', '-')}" in result.stdout, f.name
-    assert "--preset {spark,smoke}" in result.stdout
+    assert "--preset {spark,quick,smoke}" in result.stdout
 
 
 def test_smoke_preset_names_only_config_fields():
