@@ -607,6 +607,14 @@ def _(t):
     return evaluate_args(t, "--policy", t.sft_out, "--head-to-head"), ["--head-to-head needs two --policy checkpoints"]
 
 
+@case("evaluate/head-to-head-against-a-policy-not-evaluated")
+def _(t):
+    return evaluate_args(t, "--policy", t.sft_out, "--head-to-head-against", t.tmp / "ppo"), [
+        f"--head-to-head-against {t.tmp / 'ppo'} is not one of the --policy paths",
+        "pass it as --policy too",
+    ]
+
+
 @case("evaluate/no-policy")
 def _(t):
     return evaluate_args(t), ["no --policy given", "pass --policy DIR"]
