@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dgx_spark_summary_from_human_feedback import tiny
+from dgx_spark_summary_from_human_feedback.data import COMPARISON_FEATURES, SFT_FEATURES  # the Hub's declared schemas
 
 from .conftest import REPO
 from .hub_server import LocalHub
@@ -31,18 +32,6 @@ USER = "alice"
 TOKENIZER = str(tiny.TOKENIZER_DIR)
 SFT_SOURCE = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
 COMPARISON_SOURCE = "openai/summarize_from_feedback"
-# the features of the `comparisons` config, as its loading script declares them and the export keeps them
-COMPARISON_FEATURES = datasets.Features(
-    {
-        "info": {k: datasets.Value("string") for k in ("id", "post", "title", "subreddit", "site", "article")},
-        "summaries": datasets.List({"text": datasets.Value("string"), "policy": datasets.Value("string"), "note": datasets.Value("string")}),
-        "choice": datasets.Value("int32"),
-        "worker": datasets.Value("string"),
-        "batch": datasets.Value("string"),
-        "split": datasets.Value("string"),
-        "extra": {"confidence": datasets.Value("int32")},
-    }
-)
 
 
 def parquet(rows: list[dict], features: datasets.Features | None = None) -> bytes:
@@ -58,7 +47,7 @@ def jsonl(path: Path) -> list[dict]:
 def seed_sources(hub: LocalHub) -> None:
     sft = hub.add_repo("dataset", SFT_SOURCE)
     readme = "---\nconfigs:\n- config_name: default\n  data_files:\n" + "".join(f"  - split: {s}\n    path: data/{s}-*\n" for s in ("train", "validation", "test")) + "---\n"
-    sft.commit("main", {"README.md": readme.encode(), **{f"data/{s}-00000-of-00001.parquet": parquet(jsonl(tiny.SFT_DIR / f"{s}.jsonl")) for s in ("train", "validation", "test")}})
+    sft.commit("main", {"README.md": readme.encode(), **{f"data/{s}-00000-of-00001.parquet": parquet(jsonl(tiny.SFT_DIR / f"{s}.jsonl"), SFT_FEATURES) for s in ("train", "validation", "test")}})
 
     comparisons = hub.add_repo("dataset", COMPARISON_SOURCE)
     comparisons.commit("main", {"summarize_from_feedback.py": b"import datasets  # a loading script: never run\n", "README.md": b"---\nlicense: mit\n---\n"})
@@ -72,7 +61,6 @@ def seed_sources(hub: LocalHub) -> None:
             "axis/test/0000.parquet": parquet(axis),
             "axis/validation/0000.parquet": parquet(axis),
         },
-        deleted=("summarize_from_feedback.py", "README.md"),
     )
     hub.add_repo("model", "bob/taken")  # someone else's repository
     hub.add_repo("dataset", "team/taken", owner="bob")  # in alice's organisation, but bob's: she may not write it
