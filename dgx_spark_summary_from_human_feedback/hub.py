@@ -23,7 +23,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def _is_network_error(e: BaseException) -> bool:
-    return isinstance(e, (ConnectionError, TimeoutError)) or type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore")
+    return isinstance(e, (ConnectionError, TimeoutError)) or type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "httpcore2")
 
 
 def _explain(action: str, e: BaseException) -> str | None:
