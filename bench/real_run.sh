@@ -14,6 +14,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
+# one intra-op thread: on 2 cores shared with other jobs, torch's two threads wait on each other at
+# every small op (decoding a token is ~300 of them): with two, sampling 16 posts had not finished
+# after 19 min (load 10); with one, the whole SFT stage took 4 min (load 3-6; not a clean A/B)
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 PY="${PYTHON:-.venv/bin/python}"
 OUT="${1:-out/real}"
 QUERY=96                       # query tokens (the recipe's 512 costs ~4x here)
