@@ -21,6 +21,9 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 PY="${PYTHON:-.venv/bin/python}"
 OUT="${1:-out/real}"
 QUERY=96                       # query tokens (the recipe's 512 costs ~4x here)
+SFT_STEPS="${SFT_STEPS:-8}"    # optimizer steps of 4 posts / 4 pairs / 8 episodes: set these to run longer
+RM_STEPS="${RM_STEPS:-6}"
+PPO_UPDATES="${PPO_UPDATES:-2}"
 mkdir -p "$OUT"
 stamp() { echo "== $(date -u +%H:%M:%S) load $(cut -d' ' -f1-3 /proc/loadavg): $*"; }
 
@@ -33,24 +36,24 @@ stamp "model $MODEL"
   --output-dir "$OUT/comparison_data" --query-length $QUERY --response-length 64 --long-response truncate
 
 stamp "sft"
-# 8 steps of 4 posts at lr 5e-5 (~15x the recipe's: 8 updates, not 900); validation loss on 16
+# SFT_STEPS steps of 4 posts at lr 5e-5 (~15x the recipe's: a few updates, not 900); validation loss on 16
 # posts and samples of the same 16 posts at step 0 (the base model) and at the end
 "$PY" sft.py --model "$MODEL" --dataset "$OUT/sft_data" --output-dir "$OUT/sft" --query-length $QUERY --response-length 53 \
-  --max-steps 8 --batch-size 4 --micro-batch-size 4 --lr 5e-5 --min-lr 5e-6 --warmup-steps 1 --decay-steps 8 \
-  --eval-interval 8 --num-eval-rows 16 --num-eval-samples 16
+  --max-steps $SFT_STEPS --batch-size 4 --micro-batch-size 4 --lr 5e-5 --min-lr 5e-6 --warmup-steps 1 --decay-steps $SFT_STEPS \
+  --eval-interval $SFT_STEPS --num-eval-rows 16 --num-eval-samples 16
 
 stamp "reward"
-# from the SFT model (N+ detail 9); 6 steps of 4 pairs; accuracy on 32 pairs at step 0 and the
+# from the SFT model (N+ detail 9); RM_STEPS steps of 4 pairs; accuracy on 32 pairs at step 0 and the
 # end, then on 64 held-back pairs (with the length rule beside it) after normalisation
 "$PY" reward.py --sft-path "$OUT/sft" --dataset "$OUT/comparison_data" --sft-dataset "$OUT/sft_data" --output-dir "$OUT/reward" \
-  --query-length $QUERY --response-length 64 --max-steps 6 --batch-size 4 --micro-batch-size 4 --lr 2e-5 \
-  --eval-interval 6 --num-eval-rows 32 --max-final-eval-rows 64 --num-norm-rows 16
+  --query-length $QUERY --response-length 64 --max-steps $RM_STEPS --batch-size 4 --micro-batch-size 4 --lr 2e-5 \
+  --eval-interval $RM_STEPS --num-eval-rows 32 --max-final-eval-rows 64 --num-norm-rows 16
 
 stamp "ppo"
-# 2 updates of 8 queries, 53 sampled tokens (N+), 1 PPO epoch; lr 1e-5, KL coefficient 0.05 (N+)
+# PPO_UPDATES updates of 8 queries, 53 sampled tokens (N+), 1 PPO epoch; lr 1e-5, KL coefficient 0.05 (N+)
 "$PY" ppo.py --sft-path "$OUT/sft" --reward-path "$OUT/reward" --dataset "$OUT/sft_data" --output-dir "$OUT/ppo" \
-  --total-episodes 16 --batch-size 8 --micro-batch-size 4 --forward-batch-size 8 --generation-batch-size 8 --ppo-epochs 1 \
-  --lr 1e-5 --sample-interval 1 --save-interval 2
+  --total-episodes $((8 * PPO_UPDATES)) --batch-size 8 --micro-batch-size 4 --forward-batch-size 8 --generation-batch-size 8 --ppo-epochs 1 \
+  --lr 1e-5 --sample-interval 1 --save-interval $PPO_UPDATES
 
 stamp "evaluate"
 # base, SFT and PPO on the same 16 validation posts, scored by the reward model, vs the references
