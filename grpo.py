@@ -206,8 +206,10 @@ def grpo_update(policy_logits, optimizer, params, batch: Rollout, advantages, qu
     for epoch in range(cfg.update_epochs):
         order = minibatch_order(n_rows, minibatch_size, query_lengths.to(mask.device), generator)
         for i, start in enumerate(range(0, n_rows, micro)):
-            if i % grad_accum_steps == 0:  # real tokens of the minibatch this micro-batch opens
+            if i % grad_accum_steps == 0:  # real tokens of the minibatch this micro-batch opens, all processes
+                # (as in ppo.ppo_update: / world_size undoes DDP's average of the gradients)
                 minibatch_tokens = mask[order[start : start + minibatch_size]].sum()
+                minibatch_tokens = all_reduce_sum(minibatch_tokens, runtime) / runtime.world_size
             mb = order[start : start + micro]
             f = first_real_column(batch.query_mask[mb])  # all-padding leading columns
             last_micro = (i + 1) % grad_accum_steps == 0 or start + micro >= n_rows

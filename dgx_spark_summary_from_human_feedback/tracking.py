@@ -8,6 +8,8 @@ import math
 import os
 from pathlib import Path
 
+import torch
+
 from .checkpoint import write_text_atomic
 
 
