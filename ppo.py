@@ -106,7 +106,8 @@ from dgx_spark_summary_from_human_feedback.training import (
 @dataclass
 class Config:
     preset: Literal["spark", "quick", "smoke"] = "spark"
-    """spark: the N+ recipe; quick: ~1 h on one Spark (32 updates of 64); smoke: tiny models + bundled fixtures, offline on CPU"""
+    """spark: the N+ recipe; quick: ~1 h on one Spark (32 updates of 64); smoke: tiny models +
+    bundled fixtures, offline on CPU"""
     sft_path: str = "out/sft"
     """SFT checkpoint: policy and reference (and the tokenizer)"""
     reward_path: str = "out/reward"
@@ -199,8 +200,16 @@ PRESETS = {
     # a first hour on one Spark: 32 updates of 64 episodes (the recipe's 4 epochs, KL 0.05, 53
     # tokens) at lr 1e-5 instead of 3e-6, so that 32 updates move the score visibly
     "quick": dict(
-        preset="quick", sft_path="out/quick/sft", reward_path="out/quick/reward", output_dir="out/quick/ppo", total_episodes=32 * 64,
-        batch_size=64, generation_batch_size=64, lr=1e-5, sample_interval=4, save_interval=8,
+        preset="quick",
+        sft_path="out/quick/sft",
+        reward_path="out/quick/reward",
+        output_dir="out/quick/ppo",
+        total_episodes=32 * 64,
+        batch_size=64,
+        generation_batch_size=64,
+        lr=1e-5,
+        sample_interval=4,
+        save_interval=8,
     ),
 }
 
