@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import tempfile
-import time
 
 import common
 import torch
@@ -99,29 +98,15 @@ def main() -> None:
     print(f"comparisons {len(ds)}: query+chosen tokens {common.length_summary(chosen_len)}; batch {cfg.batch_size} = "
           f"{cfg.micro_batch_size} x {cfg.batch_size // cfg.micro_batch_size} pairs, {sum(tokens) / rounds:.0f} non-pad tokens per step")  # fmt: skip
 
-    rates: dict[str, list[float]] = {}
-    ratios: dict[str, list[float]] = {}
-    loss_check: dict[str, dict] = {}
     variants = [v for v in args.trl_variants.split(",") if v]
-    for variant in variants:
-        print(f"TRL DPOTrainer, {variant} config, interleaved with ours")
-        ours = ours_step(policy_dir, tokenizer, train, sorted({i for s in steps for i in s}), cfg, runtime)  # a fresh copy per variant
-        losses = []
 
-        def on_round(k: int, trl_seconds: float, variant=variant, losses=losses, ours=ours) -> None:
-            t = time.perf_counter()
-            losses.append(ours(steps[k], k)["train/loss"])
-            t_ours = time.perf_counter() - t
-            print(f"  {'warmup' if k < args.warmup else f'round {k - args.warmup + 1}'}: ours {t_ours:.2f}s, trl-{variant} {trl_seconds:.2f}s", flush=True)
-            if k >= args.warmup:
-                rates.setdefault("ours", []).append(tokens[k] / t_ours)
-                rates.setdefault(f"trl-{variant}", []).append(tokens[k] / trl_seconds)
-                ratios.setdefault(f"ours/trl-{variant}", []).append(trl_seconds / t_ours)
+    def contenders() -> dict:  # a fresh copy per TRL variant, so that the losses compare
+        return {"ours": ours_step(policy_dir, tokenizer, train, sorted({i for s in steps for i in s}), cfg, runtime)}
 
-        loss = trl_loss(variant, policy_dir, tokenizer, ds, steps, cfg, on_round)
-        loss_check[variant] = {"trl": loss, "ours": sum(losses) / len(losses)}
-        print(f"  same loss on the same pairs? mean loss TRL {loss:.4f}, ours {loss_check[variant]['ours']:.4f}")
+    def run_trl(variant, on_round) -> float:
+        return trl_loss(variant, policy_dir, tokenizer, ds, steps, cfg, on_round)
 
+    rates, ratios, loss_check = common.interleaved_rounds("DPOTrainer", variants, contenders, run_trl, steps, tokens, args.warmup)
     common.print_table(f"DPO optimizer step (batch {cfg.batch_size} pairs, micro {cfg.micro_batch_size}, reference precomputed)", "tok/s", rates, ratios)
     settings = dict(vars(args), tokens_per_step=tokens, dpo=dataclasses.asdict(cfg), trl_variants={v: TRL_VARIANTS[v] for v in variants})
     common.record("dpo", settings, "non-pad tokens/s", rates, ratios, {"loss_check": loss_check})

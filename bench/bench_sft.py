@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import tempfile
-import time
 
 import common
 import torch
@@ -94,43 +93,19 @@ def main() -> None:
     print(f"SFT rows {len(ds)}: query+response tokens {common.length_summary(lengths)}; batch {cfg.batch_size} = "
           f"{cfg.micro_batch_size} x {cfg.batch_size // cfg.micro_batch_size}, {sum(tokens) / rounds:.0f} non-pad tokens per step")  # fmt: skip
 
-    rates: dict[str, list[float]] = {}
-    ratios: dict[str, list[float]] = {}
     loss_check = {}
     variants = [] if args.no_trl else [v for v in args.trl_variants.split(",") if v]
-    for variant in variants or [None]:
-        # fresh copies per TRL variant, so that the losses compare
-        contenders = {"ours": common.sft_step(policy_dir, tokenizer, train, cfg, runtime)}
+
+    def contenders() -> dict:  # fresh copies per TRL variant, so that the losses compare
+        steppers = {"ours": common.sft_step(policy_dir, tokenizer, train, cfg, runtime)}
         if not args.no_pad575:
-            contenders["pad575"] = common.sft_step(policy_dir, tokenizer, train, cfg, runtime, pad_to=575)
-        losses = []
+            steppers["pad575"] = common.sft_step(policy_dir, tokenizer, train, cfg, runtime, pad_to=575)
+        return steppers
 
-        def on_round(k: int, trl_seconds: float | None, variant=variant, contenders=contenders, losses=losses) -> None:
-            seconds = {}
-            for name, step in contenders.items():
-                t = time.perf_counter()
-                stats = step(steps[k], k)
-                seconds[name] = time.perf_counter() - t
-                if name == "ours":
-                    losses.append(stats["train/loss"])
-            if trl_seconds is not None:
-                seconds[f"trl-{variant}"] = trl_seconds
-            print(f"  {'warmup' if k < args.warmup else f'round {k - args.warmup + 1}'}: " + ", ".join(f"{n} {s:.2f}s" for n, s in seconds.items()), flush=True)
-            if k >= args.warmup:
-                for name, s in seconds.items():
-                    rates.setdefault(name, []).append(tokens[k] / s)
-                    if name != "ours":
-                        ratios.setdefault(f"ours/{name}", []).append(s / seconds["ours"])
+    def run_trl(variant, on_round) -> float:
+        return trl_loss(variant, policy_dir, tokenizer, ds, steps, cfg, on_round)
 
-        if variant is None:
-            for k in range(rounds):
-                on_round(k, None)
-            continue
-        print(f"TRL SFTTrainer, {variant} config, interleaved with ours")
-        loss = trl_loss(variant, policy_dir, tokenizer, ds, steps, cfg, on_round)
-        loss_check[variant] = {"trl": loss, "ours": sum(losses) / len(losses)}
-        print(f"  same loss on the same rows? mean loss TRL {loss:.4f}, ours {loss_check[variant]['ours']:.4f}")
-
+    rates, ratios, loss_check = common.interleaved_rounds("SFTTrainer", variants, contenders, run_trl, steps, tokens, args.warmup)
     common.print_table(f"SFT optimizer step (batch {cfg.batch_size}, micro {cfg.micro_batch_size})", "tok/s", rates, ratios)
     settings = dict(vars(args), tokens_per_step=tokens, sft=dataclasses.asdict(cfg), trl_variants={v: TRL_VARIANTS[v] for v in variants})
     common.record("sft", settings, "non-pad tokens/s", rates, ratios, {"loss_check": loss_check})

@@ -280,6 +280,47 @@ def interleave_callback(on_round):
     return Interleave()
 
 
+def interleaved_rounds(trainer: str, variants: list[str], contenders, trl_loss, steps: list, tokens: list[int], warmup: int):
+    """Time our step functions against TRL's `trainer`, round by round in one process: for each
+    TRL variant, `contenders()` gives fresh copies of ours ({name: step}; "ours" first, its
+    losses are compared with TRL's), `trl_loss(variant, on_round)` runs TRL and calls
+    `on_round(k, seconds)` after its step k, and our contenders run step k right then. With no
+    variants, ours run alone. Returns (rates, ratios, loss_check); rates are tokens/s."""
+    rates: dict[str, list[float]] = {}
+    ratios: dict[str, list[float]] = {}
+    loss_check: dict[str, dict] = {}
+    for variant in variants or [None]:
+        steppers, losses = contenders(), []
+
+        def on_round(k: int, trl_seconds: float | None, variant=variant, steppers=steppers, losses=losses) -> None:
+            seconds = {}
+            for name, step in steppers.items():
+                t = time.perf_counter()
+                stats = step(steps[k], k)
+                seconds[name] = time.perf_counter() - t
+                if name == "ours":
+                    losses.append(stats["train/loss"])
+            if trl_seconds is not None:
+                seconds[f"trl-{variant}"] = trl_seconds
+            label = "warmup" if k < warmup else f"round {k - warmup + 1}"
+            print(f"  {label}: " + ", ".join(f"{n} {s:.2f}s" for n, s in seconds.items()), flush=True)
+            if k >= warmup:
+                for name, s in seconds.items():
+                    rates.setdefault(name, []).append(tokens[k] / s)
+                    if name != "ours":
+                        ratios.setdefault(f"ours/{name}", []).append(s / seconds["ours"])
+
+        if variant is None:
+            for k in range(len(steps)):
+                on_round(k, None)
+            continue
+        print(f"TRL {trainer}, {variant} config, interleaved with ours")
+        loss = trl_loss(variant, on_round)
+        loss_check[variant] = {"trl": loss, "ours": sum(losses) / len(losses)}
+        print(f"  same loss on the same rows? mean loss TRL {loss:.4f}, ours {loss_check[variant]['ours']:.4f}")
+    return rates, ratios, loss_check
+
+
 def spread(xs: list[float]) -> dict:
     return {"min": min(xs), "median": statistics.median(xs), "max": max(xs), "n": len(xs)}
 
