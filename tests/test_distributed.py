@@ -112,6 +112,24 @@ def test_ppo_update_on_a_fixed_rollout_two_processes_match_one(tmp_path, tokeniz
         torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=0, msg=k)
 
 
+def test_grpo_update_on_a_fixed_rollout_two_processes_match_one(tmp_path, tokenizer, tiny_model_dir):
+    """`grpo.grpo_update` as the PPO test above: unequal token counts per process must give the
+    one-process update (the minibatch's token count is summed over processes)."""
+    policy_dir = tmp_path / "policy"
+    eos_prone(load_policy(str(tiny_model_dir), tokenizer), tokenizer.eos_token_id, 0.4).save_pretrained(policy_dir)
+    tokenizer.save_pretrained(policy_dir)
+    for out, nproc in (("one", 1), ("two", 2)):
+        run("tests/ppo_update_worker.py", str(policy_dir), "-", str(tmp_path / out), "grpo", nproc=nproc)
+    one, two = (load_file(str(tmp_path / d / "weights.safetensors")) for d in ("one", "two"))
+    lengths = one.pop("response_tokens")
+    assert torch.equal(lengths, two.pop("response_tokens"))
+    assert lengths[0::2].sum() != lengths[1::2].sum(), lengths
+    start = {f"policy.{k}": v for k, v in load_file(str(policy_dir / "model.safetensors")).items()}
+    assert max(float((one[k] - start[k]).abs().max()) for k in start if k in one) > 1e-3
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=0, msg=k)
+
+
 def test_two_nodes_without_shared_storage_stop_on_resume_with_one_line(tmp_path, sft_single):
     """Two "machines" on this host (torchrun --nnodes 2, one process each), each with its own
     `out` as two Sparks with local disks would have: the run to resume exists on node 0's disk
