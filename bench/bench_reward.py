@@ -17,7 +17,6 @@ Interleaved as bench_sft.py. Throughput = non-pad tokens (chosen + rejected) / s
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import tempfile
 
@@ -25,7 +24,7 @@ import common
 import torch
 
 import reward
-from dgx_spark_summary_from_human_feedback.training import PAIR_COLUMNS, batch_indices, setup_runtime
+from dgx_spark_summary_from_human_feedback.training import PAIR_COLUMNS, setup_runtime
 
 TRL_VARIANTS = {"default": {}, "fast": dict(gradient_checkpointing=False, logging_steps=10_000, disable_tqdm=True)}
 
@@ -53,14 +52,7 @@ def trl_loss(variant, reward_dir, tokenizer, ds, steps, cfg, on_round) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokenizer", choices=["sample", "tiny"], default="sample")
-    parser.add_argument("--batch-size", type=int, default=8, help="comparisons per optimizer step")
-    parser.add_argument("--micro-batch-size", type=int, default=4, help="comparisons per forward (2x sequences)")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--trl-variants", default="default,fast")
-    args = parser.parse_args()
+    args = common.pair_bench_args(__doc__)
     common.set_threads()
     runtime = setup_runtime("cpu")
     cfg = reward.Config(batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, lr=5e-5, seed=42)
@@ -68,12 +60,7 @@ def main() -> None:
     _, reward_dir = common.write_models(tokenizer, args.tokenizer)
     ds = common.comparison_data(tokenizer)
     train = ds.with_format("torch", columns=PAIR_COLUMNS)
-    chosen_len, rejected_len = ds["query_chosen_token_len"], ds["query_rejected_token_len"]
-    rounds = args.warmup + args.repeats
-    steps = [batch_indices(k, len(ds), cfg.batch_size, cfg.seed) for k in range(rounds)]
-    tokens = [sum(chosen_len[i] + rejected_len[i] for i in s) for s in steps]
-    print(f"comparisons {len(ds)}: query+chosen tokens {common.length_summary(chosen_len)}; batch {cfg.batch_size} = "
-          f"{cfg.micro_batch_size} x {cfg.batch_size // cfg.micro_batch_size} pairs, {sum(tokens) / rounds:.0f} non-pad tokens per step")  # fmt: skip
+    steps, tokens = common.pair_rounds(ds, cfg, args.warmup + args.repeats)
 
     variants = [v for v in args.trl_variants.split(",") if v]
 

@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))  # sft.py, reward.py, ppo.py live at the repositor
 import torch  # noqa: E402
 
 from dgx_spark_summary_from_human_feedback import data, preprocess, tiny  # noqa: E402
+from dgx_spark_summary_from_human_feedback.training import batch_indices  # noqa: E402
 
 SAMPLE = ROOT.parent / "shared" / "data" / "tldr_real_sample"
 CACHE = BENCH / ".cache"
@@ -278,6 +279,32 @@ def interleave_callback(on_round):
             self.mark = time.perf_counter()
 
     return Interleave()
+
+
+def pair_bench_args(doc: str):
+    """The command line of the two preference-step benchmarks (reward model, DPO)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokenizer", choices=["sample", "tiny"], default="sample")
+    parser.add_argument("--batch-size", type=int, default=8, help="comparisons per optimizer step")
+    parser.add_argument("--micro-batch-size", type=int, default=4, help="comparisons per forward (2x sequences)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--trl-variants", default="default,fast")
+    return parser.parse_args()
+
+
+def pair_rounds(ds, cfg, rounds: int) -> tuple[list[list[int]], list[int]]:
+    """Each round's comparison indices (the stages' own batch order) and its non-pad tokens."""
+    chosen_len, rejected_len = ds["query_chosen_token_len"], ds["query_rejected_token_len"]
+    steps = [batch_indices(k, len(ds), cfg.batch_size, cfg.seed) for k in range(rounds)]
+    tokens = [sum(chosen_len[i] + rejected_len[i] for i in s) for s in steps]
+    print(
+        f"comparisons {len(ds)}: query+chosen tokens {length_summary(chosen_len)}; batch {cfg.batch_size} = "
+        f"{cfg.micro_batch_size} x {cfg.batch_size // cfg.micro_batch_size} pairs, {sum(tokens) / rounds:.0f} non-pad tokens per step"
+    )
+    return steps, tokens
 
 
 def interleaved_rounds(trainer: str, variants: list[str], contenders, trl_loss, steps: list, tokens: list[int], warmup: int):
