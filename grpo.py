@@ -51,7 +51,7 @@ from dgx_spark_summary_from_human_feedback.generation import Decoding
 from dgx_spark_summary_from_human_feedback.models import check_checkpoint, disable_dropout, get_score, load_policy, load_reward_model, logprobs_from_logits, response_logits
 from dgx_spark_summary_from_human_feedback.preprocess import load_stage_data
 from dgx_spark_summary_from_human_feedback.rollout import (
-    Rollout, ScoreFn, entropy_from_logits, first_real_column, kl_rewards, masked_mean, minibatch_order, query_batch, rollout,
+    Rollout, ScoreFn, entropy_from_logits, first_real_column, kl_rewards, masked_mean, minibatch_order, process_means, query_batch, rollout,
 )  # fmt: skip
 from dgx_spark_summary_from_human_feedback.tracking import Logger, config_table, markdown_table, plot_curves, read_metrics
 from dgx_spark_summary_from_human_feedback.training import (
@@ -340,7 +340,7 @@ def main(cfg: Config, score_fn: ScoreFn | None = None) -> dict:
             "no_eos_share": (~batch.has_eos).float().mean(), "advantages/abs_mean": advantages.abs().mean(),
             "groups/equal_returns_share": (returns.view(-1, cfg.group_size).std(1) == 0).float().mean(),
         }  # fmt: skip
-        metrics = {k: float(all_reduce_sum(v.detach().float().clone(), runtime)) / (1 if k == "val/num_eos_tokens" else runtime.world_size) for k, v in metrics.items()}
+        metrics = process_means(metrics, runtime)
         metrics.update({"lr": lr, "episode": (update + 1) * cfg.batch_size, "episodes_per_s": (update + 1 - start_update) * cfg.batch_size / (time.time() - t0)})
         if runtime.device.type == "cuda":
             metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9

@@ -73,6 +73,7 @@ from dgx_spark_summary_from_human_feedback.rollout import (
     masked_mean,
     masked_whiten,
     minibatch_order,
+    process_means,
     query_batch,
     rollout,
     value_predictions,
@@ -455,8 +456,7 @@ def update_metrics(batch: Rollout, kl, non_score_rewards, stats: dict, runtime) 
         "response_length": batch.response_mask.sum(1).mean(),
         "no_eos_share": (~batch.has_eos).float().mean(),
     }
-    summed = {k: float(all_reduce_sum(v.detach().float().clone(), runtime)) for k, v in metrics.items()}
-    return {k: v / (1 if k == "val/num_eos_tokens" else runtime.world_size) for k, v in summed.items()}
+    return process_means(metrics, runtime)
 
 
 # ---------------------------------------------------------------------------------------------

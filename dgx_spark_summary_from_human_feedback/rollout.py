@@ -17,6 +17,7 @@ import torch
 
 from .generation import Decoding, generate, truncate_after_eos
 from .models import hidden_states, last_token_index, logprobs_from_logits, response_logits
+from .training import all_reduce_sum
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (query_responses, attention_mask) -> (B,) scores
 
@@ -235,3 +236,10 @@ def minibatch_order(
     order = torch.randperm(n_rows, generator=generator).to(query_lengths.device)
     chunks = [c[query_lengths[c].argsort(descending=True, stable=True)] for c in order.split(minibatch_size)]
     return torch.cat(chunks)
+
+
+def process_means(metrics: dict[str, torch.Tensor], runtime) -> dict[str, float]:
+    """An update's metrics as floats, averaged over the processes; `val/num_eos_tokens` is a count
+    and is summed (PPO and GRPO log the same way)."""
+    summed = {k: float(all_reduce_sum(v.detach().float().clone(), runtime)) for k, v in metrics.items()}
+    return {k: v / (1 if k == "val/num_eos_tokens" else runtime.world_size) for k, v in summed.items()}
