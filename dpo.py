@@ -50,15 +50,55 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from dgx_spark_summary_from_human_feedback import cli, tiny
-from dgx_spark_summary_from_human_feedback.checkpoint import export_final, latest_checkpoint, make_output_dir, push_run, resume_point, rng_state, save_checkpoint, set_rng_state
+from dgx_spark_summary_from_human_feedback.checkpoint import (
+    export_final,
+    latest_checkpoint,
+    make_output_dir,
+    push_run,
+    resume_point,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from dgx_spark_summary_from_human_feedback.data import Lengths, load_tokenizer
-from dgx_spark_summary_from_human_feedback.models import check_checkpoint, disable_dropout, get_pair_logprobs, load_policy
+from dgx_spark_summary_from_human_feedback.models import (
+    check_checkpoint,
+    disable_dropout,
+    get_pair_logprobs,
+    load_policy,
+)
 from dgx_spark_summary_from_human_feedback.preprocess import load_stage_data
-from dgx_spark_summary_from_human_feedback.tracking import Logger, accuracy_by, config_table, markdown_table, plot_curves, read_metrics
+from dgx_spark_summary_from_human_feedback.tracking import (
+    Logger,
+    accuracy_by,
+    config_table,
+    markdown_table,
+    plot_curves,
+    read_metrics,
+)
 from dgx_spark_summary_from_human_feedback.training import (
-    PAIR_COLUMNS, OptimizerKind, Precision, Strategy, all_reduce_sum, batch_indices, check_finite, clip_gradients, distribute, full_state_dicts, get_lr,
-    load_optimizer_state, make_optimizer, micro_batch_layout, micro_batches, no_sync, pair_batch, seed_everything, set_lr, setup_runtime, steps_per_epoch,
-)  # fmt: skip
+    PAIR_COLUMNS,
+    OptimizerKind,
+    Precision,
+    Strategy,
+    all_reduce_sum,
+    batch_indices,
+    check_finite,
+    clip_gradients,
+    distribute,
+    full_state_dicts,
+    get_lr,
+    load_optimizer_state,
+    make_optimizer,
+    micro_batch_layout,
+    micro_batches,
+    no_sync,
+    pair_batch,
+    seed_everything,
+    set_lr,
+    setup_runtime,
+    steps_per_epoch,
+)
 
 
 @dataclass
@@ -125,10 +165,19 @@ class Config:
 
 PRESETS = {
     "smoke": dict(
-        preset="smoke", sft_path="out/smoke/sft", dataset=str(tiny.COMPARISONS_FILE), output_dir="out/smoke/dpo", epochs=4,
-        batch_size=16, micro_batch_size=8, lr=1e-3, beta=0.1, eval_interval=6, num_eval_rows=64,
-    ),
-}  # fmt: skip
+        preset="smoke",
+        sft_path="out/smoke/sft",
+        dataset=str(tiny.COMPARISONS_FILE),
+        output_dir="out/smoke/dpo",
+        epochs=4,
+        batch_size=16,
+        micro_batch_size=8,
+        lr=1e-3,
+        beta=0.1,
+        eval_interval=6,
+        num_eval_rows=64,
+    )
+}
 
 REFERENCE_FILE = "reference_logprobs.safetensors"
 
@@ -138,9 +187,13 @@ REFERENCE_FILE = "reference_logprobs.safetensors"
 
 
 def dpo_loss(
-    chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor,
-    beta: float, label_smoothing: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B,) losses, chosen and rejected implicit rewards (detached) from (B,) summed log-probs.
 
     Rafailov et al. eq. 7: -log sigmoid(beta * ((logp_c - ref_c) - (logp_r - ref_r))); with label
@@ -205,35 +258,66 @@ def save_reference(path: Path, reference: dict[str, torch.Tensor], metadata: dic
 
 
 def train_step(
-    logprobs_fn, model, optimizer, train, indices: list[int], reference: torch.Tensor, lengths: list[int], cfg: Config, runtime, step: int, out_dir,
-) -> dict[str, float]:  # fmt: skip
+    logprobs_fn,
+    model,
+    optimizer,
+    train,
+    indices: list[int],
+    reference: torch.Tensor,
+    lengths: list[int],
+    cfg: Config,
+    runtime,
+    step: int,
+    out_dir,
+) -> dict[str, float]:
     """One optimizer step over the comparisons `indices`: this process's micro-batches (forward
     and backward, gradients summed so that any micro-batch split gives the batch mean), clip,
     NaN guard, AdamW. Returns the batch's TRL metrics (over all processes) and the grad norm."""
-    micros = list(micro_batches(indices, [lengths[i] for i in indices], cfg.micro_batch_size, runtime.rank, runtime.world_size))
+    micros = list(
+        micro_batches(indices, [lengths[i] for i in indices], cfg.micro_batch_size, runtime.rank, runtime.world_size)
+    )
     sums = torch.zeros(7, device=runtime.device)
     for i, micro in enumerate(micros):
         with no_sync(logprobs_fn, skip=i < len(micros) - 1):
             chosen, rejected = pair_logprobs(logprobs_fn, train[micro], runtime)
             ref = reference[micro].to(runtime.device)
-            losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], cfg.beta, cfg.label_smoothing)
+            losses, chosen_rewards, rejected_rewards = dpo_loss(
+                chosen, rejected, ref[:, 0], ref[:, 1], cfg.beta, cfg.label_smoothing
+            )
             # x world_size undoes the average over processes that DDP/FSDP2 apply
             (losses.sum() / cfg.batch_size * runtime.world_size).backward()
-        sums += torch.stack([
-            losses.sum(), chosen_rewards.sum(), rejected_rewards.sum(), (chosen_rewards > rejected_rewards).float().sum(),
-            (chosen_rewards - rejected_rewards).sum(), chosen.sum(), rejected.sum(),
-        ]).detach()  # fmt: skip
+        sums += torch.stack(
+            [
+                losses.sum(),
+                chosen_rewards.sum(),
+                rejected_rewards.sum(),
+                (chosen_rewards > rejected_rewards).float().sum(),
+                (chosen_rewards - rejected_rewards).sum(),
+                chosen.sum(),
+                rejected.sum(),
+            ]
+        ).detach()
     sums = all_reduce_sum(sums, runtime) / cfg.batch_size  # every process sees the same values, and stops together
     grad_norm = clip_gradients(model.parameters(), cfg.grad_clip)
     check_finite(step, {"train/loss": float(sums[0]), "grad_norm": grad_norm}, out_dir)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    names = ["train/loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"]
+    names = [
+        "train/loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+    ]
     return {**dict(zip(names, sums.tolist())), "grad_norm": grad_norm}
 
 
 @torch.no_grad()
-def implicit_rewards(logprobs_fn, data, reference: torch.Tensor, cfg: Config, runtime) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def implicit_rewards(
+    logprobs_fn, data, reference: torch.Tensor, cfg: Config, runtime
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(N,) losses, chosen and rejected implicit rewards of every row of `data` (every process
     computes all: FSDP2 needs every process in every forward)."""
     losses, chosen_rewards, rejected_rewards = [], [], []
@@ -253,7 +337,13 @@ def evaluate_splits(logprobs_fn, ds, eval_sets: dict, reference: dict, cfg: Conf
     for split, data in eval_sets.items():
         losses, chosen, rejected = implicit_rewards(logprobs_fn, data, reference[split], cfg, runtime)
         accuracy = float((chosen > rejected).float().mean())
-        metrics.update({f"eval/{split}/accuracy": accuracy, f"eval/{split}/margin": float((chosen - rejected).mean()), f"eval/{split}/loss": float(losses.mean())})
+        metrics.update(
+            {
+                f"eval/{split}/accuracy": accuracy,
+                f"eval/{split}/margin": float((chosen - rejected).mean()),
+                f"eval/{split}/loss": float(losses.mean()),
+            }
+        )
         rows = ds[split].select(range(len(data)))
         sections.append(
             f"### {split}: implicit-reward accuracy {accuracy:.4f} (n={len(data)})\n\n"
@@ -270,33 +360,54 @@ def main(cfg: Config) -> dict:
     out = make_output_dir(cfg.output_dir)
     config = dataclasses.asdict(cfg)
     check_checkpoint(cfg.sft_path, "policy")  # fail on a wrong checkpoint before minutes of data processing
-    grad_accum_steps = micro_batch_layout(cfg.batch_size, cfg.micro_batch_size, runtime.world_size)  # and on sizes that do not divide
+    grad_accum_steps = micro_batch_layout(
+        cfg.batch_size, cfg.micro_batch_size, runtime.world_size
+    )  # and on sizes that do not divide
     tokenizer = load_tokenizer(cfg.sft_path)
 
     # ---- data: the reward model's comparisons
-    ds = load_stage_data(cfg.dataset, tokenizer, "comparisons", ("train", "validation"), Lengths(cfg.query_length, cfg.response_length))
+    ds = load_stage_data(
+        cfg.dataset, tokenizer, "comparisons", ("train", "validation"), Lengths(cfg.query_length, cfg.response_length)
+    )
     train = ds["train"].with_format("torch", columns=PAIR_COLUMNS)
     eval_sets = {
-        split: ds[split].select(range(min(cfg.max_final_eval_rows or len(ds[split]), len(ds[split])))).with_format("torch", columns=PAIR_COLUMNS)
-        for split in ("validation", "validation_cnndm") if split in ds
-    }  # fmt: skip
+        split: ds[split]
+        .select(range(min(cfg.max_final_eval_rows or len(ds[split]), len(ds[split]))))
+        .with_format("torch", columns=PAIR_COLUMNS)
+        for split in ("validation", "validation_cnndm")
+        if split in ds
+    }
     val_rows = eval_sets["validation"].select(range(min(cfg.num_eval_rows, len(eval_sets["validation"]))))
-    pair_lengths = [q + max(c, r) for q, c, r in zip(ds["train"]["query_token_len"], ds["train"]["chosen_token_len"], ds["train"]["rejected_token_len"])]
+    pair_lengths = [
+        q + max(c, r)
+        for q, c, r in zip(
+            ds["train"]["query_token_len"], ds["train"]["chosen_token_len"], ds["train"]["rejected_token_len"]
+        )
+    ]
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch(len(train), cfg.batch_size)
     warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
-    print(f"train {len(train)} comparisons, {total_steps} steps of {cfg.batch_size} = {cfg.micro_batch_size} x {grad_accum_steps} x {runtime.world_size} processes")
+    print(
+        f"train {len(train)} comparisons, {total_steps} steps of {cfg.batch_size} = {cfg.micro_batch_size} x {grad_accum_steps} x {runtime.world_size} processes"
+    )
 
     # ---- policy, reference log-probs, optimizer
     resume = resume_point(out, config, cfg.allow_config_change) if cfg.resume else None
-    policy = load_policy(str(resume[0]) if resume else cfg.sft_path, tokenizer, dtype=runtime.param_dtype, device=runtime.device)
+    policy = load_policy(
+        str(resume[0]) if resume else cfg.sft_path, tokenizer, dtype=runtime.param_dtype, device=runtime.device
+    )
     disable_dropout(policy)
     splits = {"train": train, **eval_sets}
-    metadata = {"sft_path": str(Path(cfg.sft_path).expanduser().resolve()), **{f"{s}/rows": str(len(d)) for s, d in splits.items()},
-                **{f"{s}/fingerprint": ds[s]._fingerprint for s in splits}}  # fmt: skip
+    metadata = {
+        "sft_path": str(Path(cfg.sft_path).expanduser().resolve()),
+        **{f"{s}/rows": str(len(d)) for s, d in splits.items()},
+        **{f"{s}/fingerprint": ds[s]._fingerprint for s in splits},
+    }
     reference = load_reference(out / REFERENCE_FILE, metadata)
     if reference is None:
         # the SFT policy before any update is the reference; a resumed run loads it afresh
-        ref_model = load_policy(cfg.sft_path, tokenizer, dtype=runtime.param_dtype, device=runtime.device) if resume else policy
+        ref_model = (
+            load_policy(cfg.sft_path, tokenizer, dtype=runtime.param_dtype, device=runtime.device) if resume else policy
+        )
         disable_dropout(ref_model)
         t = time.time()
         reference = {}
@@ -307,7 +418,9 @@ def main(cfg: Config) -> dict:
         if runtime.is_main:
             save_reference(out / REFERENCE_FILE, reference, metadata)
         runtime.barrier()
-        print(f"reference log-probs of {sum(len(d) for d in splits.values())} comparisons in {time.time() - t:.0f} s -> {out / REFERENCE_FILE}")
+        print(
+            f"reference log-probs of {sum(len(d) for d in splits.values())} comparisons in {time.time() - t:.0f} s -> {out / REFERENCE_FILE}"
+        )
     else:
         print(f"reference log-probs read from {out / REFERENCE_FILE}")
     if cfg.gradient_checkpointing:
@@ -316,42 +429,77 @@ def main(cfg: Config) -> dict:
     # each query runs once for both summaries; not under gradient checkpointing, which drops the
     # cache, nor under FSDP2, whose hooks the cache's keys and values bypass (as in reward.py)
     sharded = cfg.strategy == "fsdp2" and runtime.world_size > 1
-    logprobs_fn = distribute(policy, functools.partial(get_pair_logprobs, share_prefix=not (cfg.gradient_checkpointing or sharded)), runtime, cfg.strategy)
+    logprobs_fn = distribute(
+        policy,
+        functools.partial(get_pair_logprobs, share_prefix=not (cfg.gradient_checkpointing or sharded)),
+        runtime,
+        cfg.strategy,
+    )
     optimizer = make_optimizer(
-        list(policy.parameters()), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8, kind=cfg.optimizer,
-        device=runtime.device, sharded=sharded,
-    )  # fmt: skip
+        list(policy.parameters()),
+        lr=cfg.lr,
+        betas=(0.9, 0.999),
+        weight_decay=cfg.weight_decay,
+        eps=1e-8,
+        kind=cfg.optimizer,
+        device=runtime.device,
+        sharded=sharded,
+    )
     start_step = 0
     if resume:
         load_optimizer_state(policy, optimizer, resume[1]["optimizer"])
         set_rng_state(resume[1]["rng"])
         start_step = resume[1]["step"]
         print(f"resumed from {resume[0]} at step {start_step}")
-    logger = Logger(out, config, project=cfg.wandb_project, resume_step=start_step if resume else None, enabled=runtime.is_main)
+    logger = Logger(
+        out, config, project=cfg.wandb_project, resume_step=start_step if resume else None, enabled=runtime.is_main
+    )
 
     def evaluate_and_checkpoint(step: int, save: bool = True) -> None:
         losses, chosen, rejected = implicit_rewards(logprobs_fn, val_rows, reference["validation"], cfg, runtime)
         val_loss = float(losses.mean())
-        logger.log({"val/loss": val_loss, "val/rewards/accuracies": float((chosen > rejected).float().mean()), "val/rewards/margins": float((chosen - rejected).mean())}, step)
+        logger.log(
+            {
+                "val/loss": val_loss,
+                "val/rewards/accuracies": float((chosen > rejected).float().mean()),
+                "val/rewards/margins": float((chosen - rejected).mean()),
+            },
+            step,
+        )
         if not save:
             return
         model_state, optimizer_state = full_state_dicts(policy, optimizer, runtime)  # collective under FSDP2
         if runtime.is_main:
             state = {"optimizer": optimizer_state, "rng": rng_state()}
-            save_checkpoint(out, step, {"model": policy}, tokenizer, state, config, metric=val_loss, model_state_dicts={"model": model_state})
+            save_checkpoint(
+                out,
+                step,
+                {"model": policy},
+                tokenizer,
+                state,
+                config,
+                metric=val_loss,
+                model_state_dicts={"model": model_state},
+            )
         runtime.barrier()
 
     # ---- loop: lr, eval/checkpoint, micro-steps, clip, step, log
-    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not runtime.is_main, desc="dpo")
+    bar = tqdm(
+        range(start_step, total_steps), initial=start_step, total=total_steps, disable=not runtime.is_main, desc="dpo"
+    )
     t0 = time.time()
     for step in bar:
         lr = get_lr(step, lr=cfg.lr, min_lr=0.0, warmup_steps=warmup_steps, decay_steps=total_steps, schedule="linear")
         set_lr(optimizer, lr)
-        if step % cfg.eval_interval == 0:  # step 0: the accuracy before training; a resumed run logs its first evaluation again
+        if (
+            step % cfg.eval_interval == 0
+        ):  # step 0: the accuracy before training; a resumed run logs its first evaluation again
             evaluate_and_checkpoint(step, save=step > start_step)
 
         indices = batch_indices(step, len(train), cfg.batch_size, cfg.seed)
-        stats = train_step(logprobs_fn, policy, optimizer, train, indices, reference["train"], pair_lengths, cfg, runtime, step, out)
+        stats = train_step(
+            logprobs_fn, policy, optimizer, train, indices, reference["train"], pair_lengths, cfg, runtime, step, out
+        )
         pairs_per_s = (step + 1 - start_step) * cfg.batch_size / (time.time() - t0)
         logger.log({**stats, "lr": lr, "pairs_per_s": pairs_per_s}, step)
         bar.set_postfix(loss=f"{stats['train/loss']:.3f}", acc=f"{stats['rewards/accuracies']:.2f}", lr=f"{lr:.2e}")
@@ -375,8 +523,18 @@ def main(cfg: Config) -> dict:
 
 def write_report(out: Path, config: dict, metrics: dict, text: str) -> None:
     records = read_metrics(out / "metrics.jsonl")
-    plot_curves(records, ["train/loss", "rewards/accuracies", "rewards/margins", "val/rewards/accuracies"], out / "curves.png", "DPO")
-    plot_curves(records, ["rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"], out / "curves_logps.png", "DPO rewards and log-probs")
+    plot_curves(
+        records,
+        ["train/loss", "rewards/accuracies", "rewards/margins", "val/rewards/accuracies"],
+        out / "curves.png",
+        "DPO",
+    )
+    plot_curves(
+        records,
+        ["rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"],
+        out / "curves_logps.png",
+        "DPO rewards and log-probs",
+    )
     results = "\n".join(f"- **{k}**: {v:.4f}" for k, v in metrics.items())
     (out / "report.md").write_text(
         f"# DPO report\n\nbeta {config['beta']}, label smoothing {config['label_smoothing']}, reference: `{config['sft_path']}` "

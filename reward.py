@@ -40,17 +40,58 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dgx_spark_summary_from_human_feedback import cli, tiny
-from dgx_spark_summary_from_human_feedback.checkpoint import export_final, latest_checkpoint, make_output_dir, push_run, resume_point, rng_state, save_checkpoint, set_rng_state
+from dgx_spark_summary_from_human_feedback.checkpoint import (
+    export_final,
+    latest_checkpoint,
+    make_output_dir,
+    push_run,
+    resume_point,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from dgx_spark_summary_from_human_feedback.data import Lengths, load_tokenizer
 from dgx_spark_summary_from_human_feedback.errors import InputError
 from dgx_spark_summary_from_human_feedback.judge import wilson_interval
-from dgx_spark_summary_from_human_feedback.models import check_checkpoint, disable_dropout, get_pair_scores, get_score, load_reward_model
+from dgx_spark_summary_from_human_feedback.models import (
+    check_checkpoint,
+    disable_dropout,
+    get_pair_scores,
+    get_score,
+    load_reward_model,
+)
 from dgx_spark_summary_from_human_feedback.preprocess import load_stage_data
-from dgx_spark_summary_from_human_feedback.tracking import Logger, accuracy_by, config_table, markdown_table, plot_curves, read_metrics
+from dgx_spark_summary_from_human_feedback.tracking import (
+    Logger,
+    accuracy_by,
+    config_table,
+    markdown_table,
+    plot_curves,
+    read_metrics,
+)
 from dgx_spark_summary_from_human_feedback.training import (
-    PAIR_COLUMNS, OptimizerKind, Precision, Strategy, all_reduce_sum, batch_indices, check_finite, clip_gradients, distribute, full_state_dicts, get_lr, load_optimizer_state,
-    make_optimizer, micro_batch_layout, micro_batches, no_sync, pair_batch, seed_everything, set_lr, setup_runtime, steps_per_epoch,
-)  # fmt: skip
+    PAIR_COLUMNS,
+    OptimizerKind,
+    Precision,
+    Strategy,
+    all_reduce_sum,
+    batch_indices,
+    check_finite,
+    clip_gradients,
+    distribute,
+    full_state_dicts,
+    get_lr,
+    load_optimizer_state,
+    make_optimizer,
+    micro_batch_layout,
+    micro_batches,
+    no_sync,
+    pair_batch,
+    seed_everything,
+    set_lr,
+    setup_runtime,
+    steps_per_epoch,
+)
 
 
 @dataclass
@@ -124,17 +165,33 @@ class Config:
 
 PRESETS = {
     "smoke": dict(
-        preset="smoke", sft_path="out/smoke/sft", dataset=str(tiny.COMPARISONS_FILE), sft_dataset=str(tiny.SFT_DIR),
-        output_dir="out/smoke/reward", epochs=6, batch_size=16, micro_batch_size=8, lr=2e-3, eval_interval=12,
-        num_eval_rows=64, num_norm_rows=0,
+        preset="smoke",
+        sft_path="out/smoke/sft",
+        dataset=str(tiny.COMPARISONS_FILE),
+        sft_dataset=str(tiny.SFT_DIR),
+        output_dir="out/smoke/reward",
+        epochs=6,
+        batch_size=16,
+        micro_batch_size=8,
+        lr=2e-3,
+        eval_interval=12,
+        num_eval_rows=64,
+        num_norm_rows=0,
     ),
     # a first hour on one Spark: 40 steps of 128 pairs from the quick SFT model; accuracy on 512
     # pairs at steps 0, 20, 40, then on 1,024 pairs per validation split; offset from 1,024 references
     "quick": dict(
-        preset="quick", sft_path="out/quick/sft", output_dir="out/quick/reward", max_steps=40, eval_interval=20, num_eval_rows=512,
-        max_final_eval_rows=1024, num_norm_rows=1024,
+        preset="quick",
+        sft_path="out/quick/sft",
+        output_dir="out/quick/reward",
+        max_steps=40,
+        eval_interval=20,
+        num_eval_rows=512,
+        max_final_eval_rows=1024,
+        num_norm_rows=1024,
     ),
-}  # fmt: skip
+}
+
 
 def pair_scores(score_fn, rows: dict, runtime) -> tuple[torch.Tensor, torch.Tensor]:
     """(B,) scores of the chosen and of the rejected summaries, from one pass over each query.
@@ -153,7 +210,16 @@ def pairwise_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) ->
 
 
 def train_step(
-    score_fn, model, optimizer, train, indices: list[int], pair_lengths: list[int], cfg: Config, runtime, step: int, out_dir
+    score_fn,
+    model,
+    optimizer,
+    train,
+    indices: list[int],
+    pair_lengths: list[int],
+    cfg: Config,
+    runtime,
+    step: int,
+    out_dir,
 ) -> dict:
     """One optimizer step on the comparisons `indices` of `train`: this process's share in
     micro-batches of similar length, `pairwise_loss` over the batch, clip, step. Returns
@@ -179,7 +245,9 @@ def train_step(
     check_finite(step, {"train/loss": float(loss_total) / cfg.batch_size, "grad_norm": grad_norm}, out_dir)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    loss, accuracy, mean_margin = (float(all_reduce_sum(x, runtime)) / cfg.batch_size for x in (loss_total, correct, margin))
+    loss, accuracy, mean_margin = (
+        float(all_reduce_sum(x, runtime)) / cfg.batch_size for x in (loss_total, correct, margin)
+    )
     stats = {"train/loss": loss, "train/accuracy": accuracy, "train/margin": mean_margin}
     return {**stats, "grad_norm": grad_norm, "tokens": tokens}
 
@@ -206,7 +274,13 @@ def reference_scores(model, data, micro_batch_size: int, runtime) -> torch.Tenso
         T = int(lengths.max())
         mask = (torch.arange(T)[None, :] < lengths[:, None]).long()
         with runtime.autocast():
-            scores.append(get_score(model, rows["query_reference_response_token"][:, :T].to(runtime.device), mask.to(runtime.device)).float().cpu())
+            scores.append(
+                get_score(
+                    model, rows["query_reference_response_token"][:, :T].to(runtime.device), mask.to(runtime.device)
+                )
+                .float()
+                .cpu()
+            )
     return torch.cat(scores)
 
 
@@ -224,7 +298,14 @@ def calibration(chosen: torch.Tensor, rejected: torch.Tensor, png: Path, title: 
         if len(part) == 0:
             continue
         d = diff[part]
-        rows.append({"mean_abs_diff": float(d.abs().mean()), "n": len(part), "accuracy": float((d > 0).float().mean()), "ideal": float(torch.sigmoid(d.abs()).mean())})
+        rows.append(
+            {
+                "mean_abs_diff": float(d.abs().mean()),
+                "n": len(part),
+                "accuracy": float((d > 0).float().mean()),
+                "ideal": float(torch.sigmoid(d.abs()).mean()),
+            }
+        )
     fig, ax = plt.subplots(figsize=(4.8, 3.6))
     ax.plot([r["mean_abs_diff"] for r in rows], [r["accuracy"] for r in rows], "o-", label="reward model")
     xs = torch.linspace(0, max(r["mean_abs_diff"] for r in rows) * 1.05 + 1e-3, 100)
@@ -247,7 +328,12 @@ def evaluate_splits(model, ds, cfg: Config, runtime, out: Path) -> tuple[dict, s
         data = ds[split]
         if cfg.max_final_eval_rows:
             data = data.select(range(min(cfg.max_final_eval_rows, len(data))))
-        chosen, rejected = score_split(functools.partial(get_pair_scores, model), data.with_format("torch", columns=PAIR_COLUMNS), cfg.micro_batch_size, runtime)
+        chosen, rejected = score_split(
+            functools.partial(get_pair_scores, model),
+            data.with_format("torch", columns=PAIR_COLUMNS),
+            cfg.micro_batch_size,
+            runtime,
+        )
         accuracy = float((chosen > rejected).float().mean())
         low, high = wilson_interval(float((chosen > rejected).sum()), len(data))
         # the baseline any RM must beat: "the longer summary wins" (ties count half) on the same pairs
@@ -258,10 +344,12 @@ def evaluate_splits(model, ds, cfg: Config, runtime, out: Path) -> tuple[dict, s
         metrics[f"eval/{split}/length_rule_accuracy"] = length_rule
         metrics[f"eval/{split}/margin"] = float((chosen - rejected).mean())
         workers = set(data["worker"]) if "worker" in data.column_names else set()
-        labels = "GPT-4 verdicts" if any("gpt-4" in str(w).lower() for w in workers) else "human preference labels (OpenAI)"
+        labels = (
+            "GPT-4 verdicts" if any("gpt-4" in str(w).lower() for w in workers) else "human preference labels (OpenAI)"
+        )
         curve = calibration(chosen, rejected, out / f"calibration_{split}.png", f"{split} (n={len(data)})")
         sections.append(
-            f"### {split}: accuracy {accuracy:.4f} [95% CI {low:.3f}, {high:.3f}] (n={len(data)}, labels: {labels}); \"the longer summary wins\": {length_rule:.4f}\n\n"
+            f'### {split}: accuracy {accuracy:.4f} [95% CI {low:.3f}, {high:.3f}] (n={len(data)}, labels: {labels}); "the longer summary wins": {length_rule:.4f}\n\n'
             f"![calibration](calibration_{split}.png)\n\n"
             f"By confidence:\n\n{markdown_table(accuracy_by(chosen, rejected, data['confidence']), ['group', 'n', 'accuracy'])}\n\n"
             f"By policy pair:\n\n{markdown_table(accuracy_by(chosen, rejected, data['policies']), ['group', 'n', 'accuracy'])}\n\n"
@@ -281,7 +369,9 @@ def main(cfg: Config) -> None:
     if cfg.eval_only:  # an evaluation writes metrics.jsonl and report.md: never over a training run's
         output_dir = cfg.output_dir or f"{cfg.reward_path.rstrip('/')}-eval"
         if any((Path(output_dir).expanduser() / name).exists() for name in ("model.safetensors", "checkpoints")):
-            raise InputError(f"--output-dir {output_dir} holds a training run, whose metrics and report --eval-only would overwrite: pass another --output-dir")
+            raise InputError(
+                f"--output-dir {output_dir} holds a training run, whose metrics and report --eval-only would overwrite: pass another --output-dir"
+            )
     out = make_output_dir(output_dir)
     config = dataclasses.asdict(cfg)
     # fail on a wrong checkpoint before minutes of data processing
@@ -300,17 +390,30 @@ def main(cfg: Config) -> None:
         model = load_reward_model(cfg.reward_path, tokenizer, dtype=runtime.param_dtype, device=runtime.device)
         metrics, text = evaluate_splits(model, ds, cfg, runtime, out)
         Logger(out, config).log(metrics, 0)
-        (out / "report.md").write_text(f"# Reward model evaluation: {cfg.reward_path}\n\n{text}\n\n## Config\n\n{config_table(config)}\n")
+        (out / "report.md").write_text(
+            f"# Reward model evaluation: {cfg.reward_path}\n\n{text}\n\n## Config\n\n{config_table(config)}\n"
+        )
         print(json.dumps(metrics, indent=2))
         return
 
     train = ds["train"].with_format("torch", columns=PAIR_COLUMNS)
-    val_rows = ds["validation"].select(range(min(cfg.num_eval_rows, len(ds["validation"])))).with_format("torch", columns=PAIR_COLUMNS)
-    pair_lengths = [q + max(c, r) for q, c, r in zip(ds["train"]["query_token_len"], ds["train"]["chosen_token_len"], ds["train"]["rejected_token_len"])]
+    val_rows = (
+        ds["validation"]
+        .select(range(min(cfg.num_eval_rows, len(ds["validation"]))))
+        .with_format("torch", columns=PAIR_COLUMNS)
+    )
+    pair_lengths = [
+        q + max(c, r)
+        for q, c, r in zip(
+            ds["train"]["query_token_len"], ds["train"]["chosen_token_len"], ds["train"]["rejected_token_len"]
+        )
+    ]
     grad_accum_steps = micro_batch_layout(cfg.batch_size, cfg.micro_batch_size, runtime.world_size)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch(len(train), cfg.batch_size)
     warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
-    print(f"train {len(train)} comparisons, {total_steps} steps of {cfg.batch_size} = {cfg.micro_batch_size} x {grad_accum_steps} x {runtime.world_size} processes")
+    print(
+        f"train {len(train)} comparisons, {total_steps} steps of {cfg.batch_size} = {cfg.micro_batch_size} x {grad_accum_steps} x {runtime.world_size} processes"
+    )
 
     # ---- model and optimizer
     resume = resume_point(out, config, cfg.allow_config_change) if cfg.resume else None
@@ -318,7 +421,9 @@ def main(cfg: Config) -> None:
         model = load_reward_model(str(resume[0]), tokenizer, dtype=runtime.param_dtype, device=runtime.device)
     else:
         torch.manual_seed(cfg.seed)  # the head's init
-        model = load_reward_model(cfg.base_model or cfg.sft_path, tokenizer, dtype=runtime.param_dtype, device=runtime.device, new_head=True)
+        model = load_reward_model(
+            cfg.base_model or cfg.sft_path, tokenizer, dtype=runtime.param_dtype, device=runtime.device, new_head=True
+        )
     disable_dropout(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -330,16 +435,24 @@ def main(cfg: Config) -> None:
     pair_fn = functools.partial(get_pair_scores, share_prefix=not (cfg.gradient_checkpointing or sharded))
     score_fn = distribute(model, pair_fn, runtime, cfg.strategy)  # DDP/FSDP2 under torchrun
     optimizer = make_optimizer(
-        list(model.parameters()), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8, kind=cfg.optimizer,
-        device=runtime.device, sharded=cfg.strategy == "fsdp2" and runtime.world_size > 1,
-    )  # fmt: skip
+        list(model.parameters()),
+        lr=cfg.lr,
+        betas=(0.9, 0.999),
+        weight_decay=cfg.weight_decay,
+        eps=1e-8,
+        kind=cfg.optimizer,
+        device=runtime.device,
+        sharded=cfg.strategy == "fsdp2" and runtime.world_size > 1,
+    )
     start_step = 0
     if resume:
         load_optimizer_state(model, optimizer, resume[1]["optimizer"])
         set_rng_state(resume[1]["rng"])
         start_step = resume[1]["step"]
         print(f"resumed from {resume[0]} at step {start_step}")
-    logger = Logger(out, config, project=cfg.wandb_project, resume_step=start_step if resume else None, enabled=runtime.is_main)
+    logger = Logger(
+        out, config, project=cfg.wandb_project, resume_step=start_step if resume else None, enabled=runtime.is_main
+    )
 
     def evaluate_and_checkpoint(step: int, save: bool = True) -> float:
         chosen, rejected = score_split(score_fn, val_rows, cfg.micro_batch_size, runtime)  # every process scores all
@@ -350,17 +463,35 @@ def main(cfg: Config) -> None:
         model_state, optimizer_state = full_state_dicts(model, optimizer, runtime)  # collective under FSDP2
         if runtime.is_main:
             state = {"optimizer": optimizer_state, "rng": rng_state()}
-            save_checkpoint(out, step, {"model": model}, tokenizer, state, config, metric=accuracy, higher_is_better=True, model_state_dicts={"model": model_state})
+            save_checkpoint(
+                out,
+                step,
+                {"model": model},
+                tokenizer,
+                state,
+                config,
+                metric=accuracy,
+                higher_is_better=True,
+                model_state_dicts={"model": model_state},
+            )
         runtime.barrier()
         return accuracy
 
     # ---- loop: lr, eval/checkpoint, micro-steps, clip, step, log
-    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not runtime.is_main, desc="reward")
+    bar = tqdm(
+        range(start_step, total_steps),
+        initial=start_step,
+        total=total_steps,
+        disable=not runtime.is_main,
+        desc="reward",
+    )
     t0, tokens_seen = time.time(), 0
     for step in bar:
         lr = get_lr(step, lr=cfg.lr, min_lr=0.0, warmup_steps=warmup_steps, decay_steps=total_steps)
         set_lr(optimizer, lr)
-        if step % cfg.eval_interval == 0:  # step 0 included: the starting model's accuracy; a resumed run logs its first evaluation again
+        if (
+            step % cfg.eval_interval == 0
+        ):  # step 0 included: the starting model's accuracy; a resumed run logs its first evaluation again
             evaluate_and_checkpoint(step, save=step > start_step)
 
         indices = batch_indices(step, len(train), cfg.batch_size, cfg.seed)
@@ -375,7 +506,9 @@ def main(cfg: Config) -> None:
     if not runtime.is_main:
         return
     if getattr(model, "_is_fully_sharded", False):  # FSDP2: the main process continues on the full weights
-        model = load_reward_model(str(latest_checkpoint(out)), tokenizer, dtype=runtime.param_dtype, device=runtime.device)
+        model = load_reward_model(
+            str(latest_checkpoint(out)), tokenizer, dtype=runtime.param_dtype, device=runtime.device
+        )
     model.eval()
 
     # ---- normalise so reference summaries score 0 on average (N+ detail 12), evaluate, save
@@ -386,7 +519,12 @@ def main(cfg: Config) -> None:
     before = reference_scores(model, sft, cfg.micro_batch_size, runtime)
     model.config.score_bias = getattr(model.config, "score_bias", 0.0) - float(before.mean())
     after = reference_scores(model, sft, cfg.micro_batch_size, runtime)
-    norm = {"norm/reference_mean_before": float(before.mean()), "norm/reference_mean_after": float(after.mean()), "norm/reference_std": float(after.std()), "norm/rows": len(sft)}
+    norm = {
+        "norm/reference_mean_before": float(before.mean()),
+        "norm/reference_mean_after": float(after.mean()),
+        "norm/reference_std": float(after.std()),
+        "norm/rows": len(sft),
+    }
     metrics, text = evaluate_splits(model, ds, cfg, runtime, out)
     logger.log({**norm, **metrics}, total_steps)
     logger.finish()

@@ -30,17 +30,49 @@ import torch
 from tqdm import tqdm
 
 from dgx_spark_summary_from_human_feedback import cli, tiny
-from dgx_spark_summary_from_human_feedback.checkpoint import export_final, latest_checkpoint, make_output_dir, push_run, resume_point, rng_state, save_checkpoint, set_rng_state
+from dgx_spark_summary_from_human_feedback.checkpoint import (
+    export_final,
+    latest_checkpoint,
+    make_output_dir,
+    push_run,
+    resume_point,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from dgx_spark_summary_from_human_feedback.data import Lengths, load_tokenizer
 from dgx_spark_summary_from_human_feedback.generation import Decoding, query_tokens_of, summarize
 from dgx_spark_summary_from_human_feedback.models import disable_dropout, lm_loss_sum, load_policy
 from dgx_spark_summary_from_human_feedback.preprocess import load_stage_data
 from dgx_spark_summary_from_human_feedback.rouge import rouge_scores
-from dgx_spark_summary_from_human_feedback.tracking import Logger, config_table, markdown_table, plot_curves, read_metrics
+from dgx_spark_summary_from_human_feedback.tracking import (
+    Logger,
+    config_table,
+    markdown_table,
+    plot_curves,
+    read_metrics,
+)
 from dgx_spark_summary_from_human_feedback.training import (
-    OptimizerKind, Precision, Strategy, all_reduce_sum, batch_indices, check_finite, clip_gradients, distribute, full_state_dicts, get_lr, load_optimizer_state,
-    make_optimizer, micro_batch_layout, micro_batches, no_sync, seed_everything, set_lr, setup_runtime, steps_per_epoch,
-)  # fmt: skip
+    OptimizerKind,
+    Precision,
+    Strategy,
+    all_reduce_sum,
+    batch_indices,
+    check_finite,
+    clip_gradients,
+    distribute,
+    full_state_dicts,
+    get_lr,
+    load_optimizer_state,
+    make_optimizer,
+    micro_batch_layout,
+    micro_batches,
+    no_sync,
+    seed_everything,
+    set_lr,
+    setup_runtime,
+    steps_per_epoch,
+)
 
 
 @dataclass
@@ -117,14 +149,32 @@ class Config:
 
 PRESETS = {
     "smoke": dict(
-        preset="smoke", model="tiny", dataset=str(tiny.SFT_DIR), output_dir="out/smoke/sft", epochs=12, batch_size=16,
-        micro_batch_size=8, lr=3e-3, min_lr=3e-4, warmup_steps=5, decay_steps=60, eval_interval=10, num_eval_rows=32,
+        preset="smoke",
+        model="tiny",
+        dataset=str(tiny.SFT_DIR),
+        output_dir="out/smoke/sft",
+        epochs=12,
+        batch_size=16,
+        micro_batch_size=8,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_steps=5,
+        decay_steps=60,
+        eval_interval=10,
+        num_eval_rows=32,
         num_eval_samples=8,
     ),
     # a first hour on one Spark (bench/quick_projection.py): the recipe's model, data and lr on the
     # first 15,360 posts of a random order, cosine over those 120 steps instead of 800 (issue 14)
-    "quick": dict(preset="quick", output_dir="out/quick/sft", max_steps=120, decay_steps=120, eval_interval=40, num_eval_samples=64),
-}  # fmt: skip
+    "quick": dict(
+        preset="quick",
+        output_dir="out/quick/sft",
+        max_steps=120,
+        decay_steps=120,
+        eval_interval=40,
+        num_eval_samples=64,
+    ),
+}
 
 
 def sft_batch(rows: dict, train_on_query: bool, device, pad_to: int | None = None) -> tuple[torch.Tensor, ...]:
@@ -145,8 +195,18 @@ def sft_batch(rows: dict, train_on_query: bool, device, pad_to: int | None = Non
 
 
 def train_step(
-    loss_fn, model, optimizer, train, indices: list[int], lengths: list[int], response_lengths: list[int], cfg: Config,
-    runtime, step: int, out_dir, pad_to: int | None = None,
+    loss_fn,
+    model,
+    optimizer,
+    train,
+    indices: list[int],
+    lengths: list[int],
+    response_lengths: list[int],
+    cfg: Config,
+    runtime,
+    step: int,
+    out_dir,
+    pad_to: int | None = None,
 ) -> dict:
     """One optimizer step on the rows `indices` of `train`: this process's share in micro-batches
     of similar length, response-token loss (`models.lm_loss_sum` through `loss_fn`), clip, step.
@@ -194,18 +254,25 @@ def sample_validation(model, tokenizer, rows: list[dict], cfg: Config, runtime) 
     the references, share without EOS, mean length in tokens). The same posts at step 0 and the end."""
     model.eval()
     samples = summarize(
-        model, tokenizer, query_tokens_of(rows, tokenizer, cfg.query_length), batch_size=cfg.micro_batch_size,
-        max_new_tokens=cfg.response_length, temperature=cfg.eval_temperature, seed=cfg.seed, autocast=runtime.autocast,
+        model,
+        tokenizer,
+        query_tokens_of(rows, tokenizer, cfg.query_length),
+        batch_size=cfg.micro_batch_size,
+        max_new_tokens=cfg.response_length,
+        temperature=cfg.eval_temperature,
+        seed=cfg.seed,
+        autocast=runtime.autocast,
         decoding=cfg.decoding,
-    )  # fmt: skip
+    )
     model.train()
     references = [r["reference_response"].replace(tokenizer.eos_token, "").strip() for r in rows]
     rouge = rouge_scores([s["response"] for s in samples], references)
     n = max(len(samples), 1)
     metrics = {
-        **{f"eval/{k}": v for k, v in rouge.items()}, "eval/no_eos_rate": sum(not s["has_eos"] for s in samples) / n,
+        **{f"eval/{k}": v for k, v in rouge.items()},
+        "eval/no_eos_rate": sum(not s["has_eos"] for s in samples) / n,
         "eval/response_length": sum(len(s["response_token"]) for s in samples) / n,
-    }  # fmt: skip
+    }
     return samples, metrics
 
 
@@ -224,49 +291,86 @@ def main(cfg: Config) -> None:
     config = dataclasses.asdict(cfg)
 
     # ---- data
-    ds = load_stage_data(cfg.dataset, tokenizer, "sft", ("train", "validation"), Lengths(cfg.query_length, cfg.response_length))
+    ds = load_stage_data(
+        cfg.dataset, tokenizer, "sft", ("train", "validation"), Lengths(cfg.query_length, cfg.response_length)
+    )
     columns = ["query_reference_response_token", "query_reference_response_token_len", "reference_response_token_len"]
     train = ds["train"].with_format("torch", columns=columns)
-    val_loss_rows = ds["validation"].select(range(min(cfg.num_eval_rows, len(ds["validation"])))).with_format("torch", columns=columns)
+    val_loss_rows = (
+        ds["validation"]
+        .select(range(min(cfg.num_eval_rows, len(ds["validation"]))))
+        .with_format("torch", columns=columns)
+    )
     val_sample_rows = [ds["validation"][i] for i in range(min(cfg.num_eval_samples, len(ds["validation"])))]
     lengths = list(ds["train"]["query_reference_response_token_len"])
     response_lengths = list(ds["train"]["reference_response_token_len"])
     grad_accum_steps = micro_batch_layout(cfg.batch_size, cfg.micro_batch_size, runtime.world_size)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch(len(train), cfg.batch_size)
-    print(f"train {len(train)} rows, {total_steps} steps of {cfg.batch_size} = {cfg.micro_batch_size} x {grad_accum_steps} x {runtime.world_size} processes")
+    print(
+        f"train {len(train)} rows, {total_steps} steps of {cfg.batch_size} = {cfg.micro_batch_size} x {grad_accum_steps} x {runtime.world_size} processes"
+    )
 
     # ---- model and optimizer
     resume = resume_point(out, config, cfg.allow_config_change) if cfg.resume else None
-    model = load_policy(str(resume[0]) if resume else model_path, tokenizer, dtype=runtime.param_dtype, device=runtime.device)
+    model = load_policy(
+        str(resume[0]) if resume else model_path, tokenizer, dtype=runtime.param_dtype, device=runtime.device
+    )
     disable_dropout(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
     # step 0: the base model's samples, before DDP/FSDP2 wrap it, so the report shows the change
-    base_samples, base_metrics = sample_validation(model, tokenizer, val_sample_rows, cfg, runtime) if not resume and runtime.is_main else ([], {})
+    base_samples, base_metrics = (
+        sample_validation(model, tokenizer, val_sample_rows, cfg, runtime)
+        if not resume and runtime.is_main
+        else ([], {})
+    )
     runtime.barrier()
     loss_fn = distribute(model, lm_loss_sum, runtime, cfg.strategy)  # DDP/FSDP2 under torchrun
     optimizer = make_optimizer(
-        list(model.parameters()), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps, kind=cfg.optimizer,
-        device=runtime.device, sharded=cfg.strategy == "fsdp2" and runtime.world_size > 1,
-    )  # fmt: skip
+        list(model.parameters()),
+        lr=cfg.lr,
+        betas=cfg.betas,
+        weight_decay=cfg.weight_decay,
+        eps=cfg.eps,
+        kind=cfg.optimizer,
+        device=runtime.device,
+        sharded=cfg.strategy == "fsdp2" and runtime.world_size > 1,
+    )
     start_step = 0
     if resume:
         load_optimizer_state(model, optimizer, resume[1]["optimizer"])
         set_rng_state(resume[1]["rng"])
         start_step = resume[1]["step"]
         print(f"resumed from {resume[0]} at step {start_step}")
-    logger = Logger(out, config, project=cfg.wandb_project, resume_step=start_step if resume else None, enabled=runtime.is_main)
+    logger = Logger(
+        out, config, project=cfg.wandb_project, resume_step=start_step if resume else None, enabled=runtime.is_main
+    )
 
     def checkpoint(step: int, val_loss: float) -> None:
         model_state, optimizer_state = full_state_dicts(model, optimizer, runtime)  # collective under FSDP2
         if runtime.is_main:
-            state = {"optimizer": optimizer_state, "rng": rng_state(), "epoch": step // steps_per_epoch(len(train), cfg.batch_size)}
-            save_checkpoint(out, step, {"model": model}, tokenizer, state, config, metric=val_loss, model_state_dicts={"model": model_state})
+            state = {
+                "optimizer": optimizer_state,
+                "rng": rng_state(),
+                "epoch": step // steps_per_epoch(len(train), cfg.batch_size),
+            }
+            save_checkpoint(
+                out,
+                step,
+                {"model": model},
+                tokenizer,
+                state,
+                config,
+                metric=val_loss,
+                model_state_dicts={"model": model_state},
+            )
         runtime.barrier()
 
     # ---- loop: lr, eval/checkpoint, micro-steps, clip, step, log
-    bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not runtime.is_main, desc="sft")
+    bar = tqdm(
+        range(start_step, total_steps), initial=start_step, total=total_steps, disable=not runtime.is_main, desc="sft"
+    )
     t0, tokens_seen = time.time(), 0
     for step in bar:
         lr = get_lr(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, decay_steps=cfg.decay_steps)
@@ -278,10 +382,17 @@ def main(cfg: Config) -> None:
                 checkpoint(step, val_loss)
 
         indices = batch_indices(step, len(train), cfg.batch_size, cfg.seed)
-        stats = train_step(loss_fn, model, optimizer, train, indices, lengths, response_lengths, cfg, runtime, step, out)
+        stats = train_step(
+            loss_fn, model, optimizer, train, indices, lengths, response_lengths, cfg, runtime, step, out
+        )
         tokens_seen += stats["tokens"]
         tokens_per_s = tokens_seen * runtime.world_size / (time.time() - t0)
-        record = {"train/loss": stats["train/loss"], "lr": lr, "grad_norm": stats["grad_norm"], "tokens_per_s": tokens_per_s}
+        record = {
+            "train/loss": stats["train/loss"],
+            "lr": lr,
+            "grad_norm": stats["grad_norm"],
+            "tokens_per_s": tokens_per_s,
+        }
         logger.log(record, step)
         bar.set_postfix(loss=f"{stats['train/loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
 
@@ -299,7 +410,10 @@ def main(cfg: Config) -> None:
     logger.finish()
     export_final(out, model, tokenizer)
     references = [r["reference_response"].replace(tokenizer.eos_token, "").strip() for r in val_sample_rows]
-    table = [{"query": r["query"], "reference": ref, "generation": s["response"]} for r, ref, s in zip(val_sample_rows, references, samples)]
+    table = [
+        {"query": r["query"], "reference": ref, "generation": s["response"]}
+        for r, ref, s in zip(val_sample_rows, references, samples)
+    ]
     for row, base in zip(table, base_samples):  # a resumed run has no base samples of its own
         row["base model"] = base["response"]
     (out / "samples.jsonl").write_text("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in table))
@@ -312,9 +426,15 @@ def main(cfg: Config) -> None:
 def write_report(out: Path, config: dict, final: dict, table: list[dict]) -> None:
     records = read_metrics(out / "metrics.jsonl")
     plot_curves(records, ["train/loss", "val/loss", "lr"], out / "loss.png", "SFT")
-    start = {k: v for r in records if r.get("step") == 0 for k, v in r.items() if k in final}  # the base model, logged at step 0
+    start = {
+        k: v for r in records if r.get("step") == 0 for k, v in r.items() if k in final
+    }  # the base model, logged at step 0
     results = "\n".join(f"| {k} | {start.get(k, float('nan')):.4f} | {v:.4f} |" for k, v in final.items())
-    columns = ["query", "reference", "base model", "generation"] if table and "base model" in table[0] else ["query", "reference", "generation"]
+    columns = (
+        ["query", "reference", "base model", "generation"]
+        if table and "base model" in table[0]
+        else ["query", "reference", "generation"]
+    )
     (out / "report.md").write_text(
         f"# SFT report\n\n## Results\n\n| metric | step 0 (base model) | end |\n|---|---|---|\n{results}\n\n![loss curves](loss.png)\n\n"
         f"## Samples (validation, temperature {config['eval_temperature']})\n\n{markdown_table(table, columns)}\n\n"

@@ -108,7 +108,10 @@ def step_dirs(out_dir: str | Path) -> list[Path]:
     root = Path(out_dir) / "checkpoints"
     if not root.exists():
         return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / STATE_FILE).exists()), key=lambda p: p.name)
+    return sorted(
+        (p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / STATE_FILE).exists()),
+        key=lambda p: p.name,
+    )
 
 
 def save_checkpoint(
@@ -137,7 +140,9 @@ def save_checkpoint(
     for i, (name, model) in enumerate(models.items()):
         target = tmp if i == 0 else tmp / name
         state_dict = (model_state_dicts or {}).get(name)
-        model.save_pretrained(str(target), safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
+        model.save_pretrained(
+            str(target), safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {})
+        )
         tokenizer.save_pretrained(str(target))
     torch.save({**state, "step": step}, tmp / STATE_FILE)
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
@@ -152,7 +157,9 @@ def save_checkpoint(
 
     best_file = root / "best.json"
     best = json.loads(best_file.read_text()) if best_file.exists() else None
-    if metric is not None and (best is None or (metric > best["metric"] if higher_is_better else metric < best["metric"])):
+    if metric is not None and (
+        best is None or (metric > best["metric"] if higher_is_better else metric < best["metric"])
+    ):
         best = {"step": step, "metric": metric}
         _write_json_atomic(best_file, best)
     keep = {final.name} | ({f"step_{best['step']:06d}"} if best else set())
@@ -173,25 +180,39 @@ def load_state(step_dir: Path) -> dict:
     try:
         return torch.load(step_dir / STATE_FILE, weights_only=True, map_location="cpu")
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file becomes one line
-        raise InputError(f"{step_dir / STATE_FILE} cannot be read ({type(e).__name__}): delete that checkpoint directory to resume from an earlier one") from None
+        raise InputError(
+            f"{step_dir / STATE_FILE} cannot be read ({type(e).__name__}): delete that checkpoint directory to resume from an earlier one"
+        ) from None
 
 
 # Stage Config fields that may change on resume without breaking equivalence with an
 # uninterrupted run. tests/test_training.py checks that each is a field of some stage's Config
 # (a renamed field must not leave a stale name here) and that every `*_interval` is listed.
 RESUME_SAFE_FIELDS = {
-    "resume", "allow_config_change", "max_steps",  # how this invocation runs and where it stops
-    "output_dir", "wandb_project", "push_to_hub",  # where the results go
-    "eval_interval", "save_interval", "sample_interval", "num_eval_samples",  # what is reported, how often
-    "device", "decoding",  # where and how steps run, not what they compute (generation.Decoding)
-}  # fmt: skip
+    "resume",
+    "allow_config_change",
+    "max_steps",  # how this invocation runs and where it stops
+    "output_dir",
+    "wandb_project",
+    "push_to_hub",  # where the results go
+    "eval_interval",
+    "save_interval",
+    "sample_interval",
+    "num_eval_samples",  # what is reported, how often
+    "device",
+    "decoding",  # where and how steps run, not what they compute (generation.Decoding)
+}
 
 
 def check_resume_config(saved: dict, current: dict, allow: bool) -> None:
-    changed = sorted(k for k in set(saved) | set(current) if k not in RESUME_SAFE_FIELDS and saved.get(k) != current.get(k))
+    changed = sorted(
+        k for k in set(saved) | set(current) if k not in RESUME_SAFE_FIELDS and saved.get(k) != current.get(k)
+    )
     if changed and not allow:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed[:5])
-        raise InputError(f"resume with a changed config ({detail}): rerun with the saved values or pass --allow-config-change")
+        raise InputError(
+            f"resume with a changed config ({detail}): rerun with the saved values or pass --allow-config-change"
+        )
 
 
 def resume_point(out_dir: str | Path, config: dict, allow_config_change: bool) -> tuple[Path, dict] | None:
@@ -246,8 +267,12 @@ def push_run(out_dir: str | Path, repo_id: str) -> None:
 
     out = Path(out_dir)
     report = (out / "report.md").read_text() if (out / "report.md").exists() else ""
-    (out / "README.md").write_text("---\nlibrary_name: transformers\ntags:\n- rlhf\n- summarization\n- tldr\n---\n\n" + report)
+    (out / "README.md").write_text(
+        "---\nlibrary_name: transformers\ntags:\n- rlhf\n- summarization\n- tldr\n---\n\n" + report
+    )
     api = HfApi()
     with hub_errors(f"pushing {out} to {repo_id}"):  # the local output stays as it is whatever happens here
         api.create_repo(repo_id, exist_ok=True)
-        api.upload_folder(folder_path=str(out), repo_id=repo_id, ignore_patterns=["checkpoints/*", "tiny-init/*", ".*", "wandb/*"])
+        api.upload_folder(
+            folder_path=str(out), repo_id=repo_id, ignore_patterns=["checkpoints/*", "tiny-init/*", ".*", "wandb/*"]
+        )

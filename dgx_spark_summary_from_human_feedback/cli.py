@@ -29,14 +29,21 @@ def parse(config_cls: type[C], args: list[str] | None = None, presets: dict[str,
     return tyro.cli(config_cls, args=args, default=default)
 
 
-def run(main: Callable[[C], object], config_cls: type[C], args: list[str] | None = None, presets: dict[str, dict] | None = None) -> None:
+def run(
+    main: Callable[[C], object],
+    config_cls: type[C],
+    args: list[str] | None = None,
+    presets: dict[str, dict] | None = None,
+) -> None:
     """`main(parse(config_cls))`; an InputError exits with its one-line message, no traceback."""
     cfg = parse(config_cls, args, presets)
     datasets.disable_progress_bars()  # our own summaries say what happened; keep the output readable
     transformers.utils.logging.disable_progress_bar()
     try:
         if getattr(cfg, "push_to_hub", None):
-            check_push_target(cfg.push_to_hub)  # before the work: hours of it must not end in a push that cannot succeed
+            check_push_target(
+                cfg.push_to_hub
+            )  # before the work: hours of it must not end in a push that cannot succeed
         main(cfg)
     except InputError as e:
         sys.exit(f"error: {e}")

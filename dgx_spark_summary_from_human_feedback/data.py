@@ -39,10 +39,14 @@ def load_tokenizer(name_or_path: str, revision: str | None = None) -> PreTrained
     if (name_or_path.startswith((".", "/", "~")) or path.suffix) and not path.expanduser().exists():
         raise InputError(f"tokenizer path {name_or_path} does not exist: pass a local directory or a Hub name")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.expanduser()) if path.exists() else name_or_path, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(path.expanduser()) if path.exists() else name_or_path, revision=revision
+        )
     except (OSError, ValueError) as e:
         if path.expanduser().is_dir():  # e.g. the output directory of a stage that was killed before its export
-            raise InputError(f"{name_or_path} holds no tokenizer: pass a finished stage's output directory or a tokenizer directory") from None
+            raise InputError(
+                f"{name_or_path} holds no tokenizer: pass a finished stage's output directory or a tokenizer directory"
+            ) from None
         raise InputError(f"cannot load tokenizer {name_or_path!r}: {str(e).splitlines()[0]}") from None
     if tokenizer.eos_token_id is None:
         raise InputError(f"tokenizer {name_or_path} has no EOS token: responses must end with one")
@@ -156,13 +160,21 @@ class Lengths:
         return self.query + self.response
 
 
-def fit_queries(tokenizer, fields_list: list[dict[str, str]], length: int, format_str: str = QUERY_FORMAT, cut_order=("post", "title", "subreddit")) -> list[tuple[list[int], dict[str, str], str]]:
+def fit_queries(
+    tokenizer,
+    fields_list: list[dict[str, str]],
+    length: int,
+    format_str: str = QUERY_FORMAT,
+    cut_order=("post", "title", "subreddit"),
+) -> list[tuple[list[int], dict[str, str], str]]:
     """`truncate_query` for many rows: one batched tokenisation, the search only where too long."""
     if not fields_list:
         return []
     first = tokenizer([format_str.format(**f) for f in fields_list], add_special_tokens=False)["input_ids"]
     return [
-        (ids, f, "") if len(ids) <= length else truncate_query(tokenizer, f, length=length, format_str=format_str, cut_order=cut_order)
+        (ids, f, "")
+        if len(ids) <= length
+        else truncate_query(tokenizer, f, length=length, format_str=format_str, cut_order=cut_order)
         for ids, f in zip(first, fields_list)
     ]
 
@@ -188,10 +200,19 @@ def response_ids(tokenizer, texts: list[str], max_len: int, long_response: str) 
 # schema guessed per file: a guess turns a column that is null throughout one file (the release's
 # `note`, `extra.confidence`) into type "null", and the next file's values then cannot be cast.
 _STRING, _INT = datasets.Value("string"), datasets.Value("int32")
-SFT_FEATURES = datasets.Features({"id": _STRING, "subreddit": _STRING, "title": _STRING, "post": _STRING, "summary": _STRING})
+SFT_FEATURES = datasets.Features(
+    {"id": _STRING, "subreddit": _STRING, "title": _STRING, "post": _STRING, "summary": _STRING}
+)
 COMPARISON_FEATURES = datasets.Features(
     {
-        "info": {"id": _STRING, "post": _STRING, "title": _STRING, "subreddit": _STRING, "site": _STRING, "article": _STRING},
+        "info": {
+            "id": _STRING,
+            "post": _STRING,
+            "title": _STRING,
+            "subreddit": _STRING,
+            "site": _STRING,
+            "article": _STRING,
+        },
         "summaries": datasets.List({"text": _STRING, "policy": _STRING, "note": _STRING}),
         "choice": _INT,
         "worker": _STRING,
@@ -217,7 +238,11 @@ def load_hub_dataset(name: str, *args, **kwargs) -> datasets.DatasetDict:
 
 
 def load_raw(
-    dataset: str, config_name: str | None = None, split: str | None = None, revision: str | None = None, features: datasets.Features | None = None
+    dataset: str,
+    config_name: str | None = None,
+    split: str | None = None,
+    revision: str | None = None,
+    features: datasets.Features | None = None,
 ) -> datasets.DatasetDict:
     """A Hub dataset, or local .jsonl/.json/.parquet files in the same schema.
 
@@ -266,7 +291,9 @@ def _load_files(files: dict[str, str], dataset: str, features: datasets.Features
             if columns <= set(features):
                 declared = datasets.Features({k: v for k, v in features.items() if k in columns})
         verbosity = datasets.logging.get_verbosity()
-        datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # the JSON builder logs its parse error too: we print one line
+        datasets.logging.set_verbosity(
+            datasets.logging.CRITICAL
+        )  # the JSON builder logs its parse error too: we print one line
         try:
             ds = datasets.load_dataset(builder, data_files={split: file}, features=declared)[split]
             if features is not None and declared is None and set(ds.column_names) <= set(features):  # .json / .parquet
@@ -275,9 +302,13 @@ def _load_files(files: dict[str, str], dataset: str, features: datasets.Features
             if file.endswith(".jsonl"):
                 _check_json_lines(file, None)
             cause = e
-            while cause.__cause__ is not None:  # "An error occurred while generating the dataset" wraps the parser's own message
+            while (
+                cause.__cause__ is not None
+            ):  # "An error occurred while generating the dataset" wraps the parser's own message
                 cause = cause.__cause__
-            raise InputError(f"{file}: cannot be read as {builder} ({type(cause).__name__}: {(str(cause).splitlines() or [''])[0][:200]})") from None
+            raise InputError(
+                f"{file}: cannot be read as {builder} ({type(cause).__name__}: {(str(cause).splitlines() or [''])[0][:200]})"
+            ) from None
         finally:
             datasets.logging.set_verbosity(verbosity)
         if len(ds) == 0:
@@ -344,9 +375,13 @@ def load_processed(dataset: str, splits: tuple[str, ...], revision: str | None =
         try:
             loaded = datasets.load_from_disk(str(path))
         except FileNotFoundError:
-            raise InputError(f"{dataset} is not a processed dataset (no save_to_disk files): run process_*_dataset first") from None
+            raise InputError(
+                f"{dataset} is not a processed dataset (no save_to_disk files): run process_*_dataset first"
+            ) from None
         except Exception as e:  # noqa: BLE001 - a cut or damaged save_to_disk directory becomes one line
-            raise InputError(f"{dataset} cannot be read as a processed dataset ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}): run process_*_dataset again") from None
+            raise InputError(
+                f"{dataset} cannot be read as a processed dataset ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}): run process_*_dataset again"
+            ) from None
     else:
         if dataset.startswith((".", "/", "~")):
             raise InputError(f"dataset path {dataset} does not exist")

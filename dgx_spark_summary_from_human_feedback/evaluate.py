@@ -118,8 +118,15 @@ def _plots(out: Path, per_policy: dict[str, list[dict]], reference_scores: list[
         scored = sorted((s["length"], s["rm_win"]) for s in samples if s.get("rm_win") is not None)
         if not scored:
             continue
-        bins = [b for b in (scored[k * len(scored) // 5 : (k + 1) * len(scored) // 5] for k in range(5)) if b]  # length quintiles
-        ax.plot([sum(x for x, _ in b) / len(b) for b in bins], [sum(w for _, w in b) / len(b) for b in bins], "o-", label=name)
+        bins = [
+            b for b in (scored[k * len(scored) // 5 : (k + 1) * len(scored) // 5] for k in range(5)) if b
+        ]  # length quintiles
+        ax.plot(
+            [sum(x for x, _ in b) / len(b) for b in bins],
+            [sum(w for _, w in b) / len(b) for b in bins],
+            "o-",
+            label=name,
+        )
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("summary length (tokens)")
     ax.set_ylabel("win rate vs reference (reward-model judge)")
@@ -161,20 +168,93 @@ def policy_summary(records: list[dict], scored: bool, judged: bool) -> dict:
     return summary
 
 
-def win_rates(first: list[dict], second: list[dict], posts: list[str], scored: bool, judge: Judge | None, seed: int) -> dict:
+def win_rates(
+    first: list[dict], second: list[dict], posts: list[str], scored: bool, judge: Judge | None, seed: int
+) -> dict:
     """Win rates of `first`'s summaries over `second`'s on the same posts, by each judge."""
     rates = {}
     if scored:
-        rates["rm"] = win_rate([1.0 if a["score"] > b["score"] else (0.5 if a["score"] == b["score"] else 0.0) for a, b in zip(first, second)])
+        rates["rm"] = win_rate(
+            [
+                1.0 if a["score"] > b["score"] else (0.5 if a["score"] == b["score"] else 0.0)
+                for a, b in zip(first, second)
+            ]
+        )
     if judge is not None:
         verdicts = judge.compare([(p, a["response"], b["response"]) for p, a, b in zip(posts, first, second)], seed)
         rates["judge"] = win_rate([None if v["first_wins"] is None else float(v["first_wins"]) for v in verdicts])
     return rates
 
 
+def policy_records(
+    path: str, rows: list[dict], cfg: Config, runtime, reward_model, rm_tokenizer, judge, reference_scores
+):
+    """One policy's samples on `rows` with ROUGE-L, length, EOS, and (when given) RM scores and judge verdicts
+    against the references; the references' RM scores are computed once and passed back for the next policy."""
+    dtype, autocast = frozen_dtype(runtime), runtime.autocast
+    posts = [r.get("post") or r.get("query", "") for r in rows]
+    tokenizer = load_tokenizer(path)
+    model = load_policy(path, tokenizer, dtype=dtype, device=runtime.device).eval()
+    references = [_reference(r, tokenizer.eos_token) for r in rows]
+    samples = summarize(
+        model,
+        tokenizer,
+        query_tokens_of(rows, tokenizer, cfg.query_length),
+        batch_size=cfg.batch_size,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        seed=cfg.seed,
+        autocast=autocast,
+        decoding=cfg.decoding,
+    )
+    del model
+    records = []
+    for row, ref, s in zip(rows, references, samples):
+        records.append(
+            {
+                "id": row.get("id"),
+                "policy": path,
+                "reference": ref,
+                "response": s["response"],
+                "length": len(s["response_token"]),
+                "has_eos": s["has_eos"],
+                "rougeL": rouge_l(s["response"], ref),
+            }
+        )
+    if reward_model is not None:
+        scores = rm_scores(
+            reward_model,
+            rm_tokenizer,
+            [
+                _rm_ids(rm_tokenizer, row, r["response"], r["has_eos"], cfg.query_length)
+                for row, r in zip(rows, records)
+            ],
+            cfg.batch_size,
+            autocast,
+        )
+        if reference_scores is None:
+            reference_scores = rm_scores(
+                reward_model,
+                rm_tokenizer,
+                [_rm_ids(rm_tokenizer, row, " " + ref, True, cfg.query_length) for row, ref in zip(rows, references)],
+                cfg.batch_size,
+                autocast,
+            )
+        for r, s, ref_s in zip(records, scores, reference_scores):
+            r.update(score=s, reference_score=ref_s, rm_win=1.0 if s > ref_s else (0.5 if s == ref_s else 0.0))
+    if judge is not None:
+        verdicts = judge.compare([(p, r["response"], r["reference"]) for p, r in zip(posts, records)], cfg.seed)
+        for r, v in zip(records, verdicts):
+            r.update(
+                judge_win=None if v["first_wins"] is None else float(v["first_wins"]),
+                judge_swapped=v["swapped"],
+                judge_reply=v["reply"],
+            )
+    return records, reference_scores
+
+
 def main(cfg: Config) -> dict:
     runtime = setup_runtime(cfg.device)
-    device, dtype, autocast = runtime.device, frozen_dtype(runtime), runtime.autocast
     if (cfg.judge_url is None) != (cfg.judge_model is None):
         raise InputError("pass --judge-url and --judge-model together")
     if not cfg.policy:
@@ -182,53 +262,56 @@ def main(cfg: Config) -> dict:
     if cfg.head_to_head and len(cfg.policy) < 2:
         raise InputError("--head-to-head needs two --policy checkpoints")
     if cfg.head_to_head_against is not None and cfg.head_to_head_against not in cfg.policy:
-        raise InputError(f"--head-to-head-against {cfg.head_to_head_against} is not one of the --policy paths: pass it as --policy too")
+        raise InputError(
+            f"--head-to-head-against {cfg.head_to_head_against} is not one of the --policy paths: pass it as --policy too"
+        )
     out = make_output_dir(cfg.output_dir)
     rows = load_rows(cfg.dataset, cfg.split, cfg.num_samples, None)
     judge = None
     if cfg.judge_url:
-        judge = Judge(cfg.judge_url, cfg.judge_model, out / "judge_cache.jsonl", api_key_env=cfg.judge_api_key_env, concurrency=cfg.judge_concurrency,
-                      max_retries=cfg.judge_max_retries, backoff_s=cfg.judge_backoff_s)  # fmt: skip
+        judge = Judge(
+            cfg.judge_url,
+            cfg.judge_model,
+            out / "judge_cache.jsonl",
+            api_key_env=cfg.judge_api_key_env,
+            concurrency=cfg.judge_concurrency,
+            max_retries=cfg.judge_max_retries,
+            backoff_s=cfg.judge_backoff_s,
+        )
     reward_model = rm_tokenizer = None
     if cfg.reward_path:
         rm_tokenizer = load_tokenizer(cfg.reward_path)
-        reward_model = load_reward_model(cfg.reward_path, rm_tokenizer, dtype=dtype, device=device).eval()
+        reward_model = load_reward_model(
+            cfg.reward_path, rm_tokenizer, dtype=frozen_dtype(runtime), device=runtime.device
+        )
+        reward_model.eval()
     posts = [r.get("post") or r.get("query", "") for r in rows]
 
     # ---- generate and score every policy
     per_policy: dict[str, list[dict]] = {}
     reference_scores = None
     for path in cfg.policy:
-        tokenizer = load_tokenizer(path)
-        model = load_policy(path, tokenizer, dtype=dtype, device=device).eval()
-        references = [_reference(r, tokenizer.eos_token) for r in rows]
-        samples = summarize(model, tokenizer, query_tokens_of(rows, tokenizer, cfg.query_length), batch_size=cfg.batch_size,
-                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed, autocast=autocast,
-                            decoding=cfg.decoding)  # fmt: skip
-        del model
-        records = []
-        for row, ref, s in zip(rows, references, samples):
-            records.append({"id": row.get("id"), "policy": path, "reference": ref, "response": s["response"], "length": len(s["response_token"]),
-                            "has_eos": s["has_eos"], "rougeL": rouge_l(s["response"], ref)})  # fmt: skip
-        if reward_model is not None:
-            scores = rm_scores(reward_model, rm_tokenizer, [_rm_ids(rm_tokenizer, row, r["response"], r["has_eos"], cfg.query_length) for row, r in zip(rows, records)], cfg.batch_size, autocast)
-            if reference_scores is None:
-                reference_scores = rm_scores(reward_model, rm_tokenizer, [_rm_ids(rm_tokenizer, row, " " + ref, True, cfg.query_length) for row, ref in zip(rows, references)], cfg.batch_size, autocast)
-            for r, s, ref_s in zip(records, scores, reference_scores):
-                r.update(score=s, reference_score=ref_s, rm_win=1.0 if s > ref_s else (0.5 if s == ref_s else 0.0))
-        if judge is not None:
-            verdicts = judge.compare([(p, r["response"], r["reference"]) for p, r in zip(posts, records)], cfg.seed)
-            for r, v in zip(records, verdicts):
-                r.update(judge_win=None if v["first_wins"] is None else float(v["first_wins"]), judge_swapped=v["swapped"], judge_reply=v["reply"])
+        records, reference_scores = policy_records(
+            path, rows, cfg, runtime, reward_model, rm_tokenizer, judge, reference_scores
+        )
         per_policy[path] = records
 
     # ---- summaries, head-to-head, report
-    summary = {path: policy_summary(records, reward_model is not None, judge is not None) for path, records in per_policy.items()}
+    summary = {
+        path: policy_summary(records, reward_model is not None, judge is not None)
+        for path, records in per_policy.items()
+    }
     head_to_head, head_to_head_against, against = {}, {}, cfg.head_to_head_against
     if cfg.head_to_head:
-        head_to_head = win_rates(per_policy[cfg.policy[0]], per_policy[cfg.policy[1]], posts, reward_model is not None, judge, cfg.seed + 1)
+        head_to_head = win_rates(
+            per_policy[cfg.policy[0]], per_policy[cfg.policy[1]], posts, reward_model is not None, judge, cfg.seed + 1
+        )
     if against:
-        head_to_head_against = {path: win_rates(records, per_policy[against], posts, reward_model is not None, judge, cfg.seed + 2) for path, records in per_policy.items() if path != against}
+        head_to_head_against = {
+            path: win_rates(records, per_policy[against], posts, reward_model is not None, judge, cfg.seed + 2)
+            for path, records in per_policy.items()
+            if path != against
+        }
     with (out / "samples.jsonl").open("w") as f:
         for records in per_policy.values():
             for r in records:
@@ -243,7 +326,9 @@ def main(cfg: Config) -> dict:
 def write_report(out: Path, cfg: Config, summary: dict, head_to_head: dict, head_to_head_against: dict, n: int) -> None:
     rm_judge = f"reward model `{cfg.reward_path}` (normalised; a win is score(policy) > score(reference))"
     llm_judge = f"`{cfg.judge_model}` at `{cfg.judge_url}` with the N+ judge prompt (below), A/B order randomised (seed {cfg.seed})"
-    lines = [f"# Evaluation\n\n{n} posts of `{cfg.dataset}` ({cfg.split}), temperature {cfg.temperature}, at most {cfg.max_new_tokens} new tokens.\n"]
+    lines = [
+        f"# Evaluation\n\n{n} posts of `{cfg.dataset}` ({cfg.split}), temperature {cfg.temperature}, at most {cfg.max_new_tokens} new tokens.\n"
+    ]
     for path, s in summary.items():
         lines.append(f"## `{path}`\n")
         lines.append(f"- ROUGE-1 / 2 / L: {s['rouge1']:.4f} / {s['rouge2']:.4f} / {s['rougeL']:.4f}")
@@ -262,7 +347,9 @@ def write_report(out: Path, cfg: Config, summary: dict, head_to_head: dict, head
             lines.append(f"- win rate of the first, judge {llm_judge}: {_ci(head_to_head['judge'])}")
         lines.append("")
     if head_to_head_against:
-        lines.append(f"## Head to head against `{cfg.head_to_head_against}`\n\nWin rate of each policy's summary over this one's on the same post (ties count half).\n")
+        lines.append(
+            f"## Head to head against `{cfg.head_to_head_against}`\n\nWin rate of each policy's summary over this one's on the same post (ties count half).\n"
+        )
         for path, rates in head_to_head_against.items():
             if "rm" in rates:
                 lines.append(f"- `{path}`, judge {rm_judge.split(' (')[0]}: {_ci(rates['rm'])}")

@@ -29,7 +29,13 @@ from .training import frozen_dtype, setup_runtime
 from .tracking import markdown_table
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """(B,) next tokens from (B, V) logits; temperature 0 is greedy."""
     if temperature == 0:
         return logits.argmax(-1)
@@ -60,7 +66,9 @@ on CUDA too."""
 def prefill(model, queries: torch.Tensor, query_mask: torch.Tensor):
     """(B, V) next-token logits after the left-padded `queries` (B, Tq), and their KV cache."""
     mask = query_mask.long()
-    out = model(input_ids=queries, attention_mask=mask, position_ids=position_ids(mask), use_cache=True, logits_to_keep=1)
+    out = model(
+        input_ids=queries, attention_mask=mask, position_ids=position_ids(mask), use_cache=True, logits_to_keep=1
+    )
     return out.logits[:, -1], out.cache
 
 
@@ -72,7 +80,13 @@ def eager_decoder(model, queries: torch.Tensor, query_mask: torch.Tensor):
     def decode(next_tokens: torch.Tensor) -> torch.Tensor:
         nonlocal mask, cache
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        out = model(input_ids=next_tokens[:, None], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1, cache=cache, use_cache=True)
+        out = model(
+            input_ids=next_tokens[:, None],
+            attention_mask=mask,
+            position_ids=mask.sum(-1, keepdim=True) - 1,
+            cache=cache,
+            use_cache=True,
+        )
         cache = out.cache
         return out.logits[:, -1]
 
@@ -87,14 +101,18 @@ def static_decoder(model, queries: torch.Tensor, query_mask: torch.Tensor, max_n
     from transformers import StaticCache
 
     if any(kind != "full_attention" for kind in getattr(model.config, "layer_types", None) or []):
-        raise InputError(f"static decoding needs full attention in every layer ({model.config.model_type} has sliding-window layers): use --decoding eager")
+        raise InputError(
+            f"static decoding needs full attention in every layer ({model.config.model_type} has sliding-window layers): use --decoding eager"
+        )
     B, Tq = queries.shape
     logits, prefilled = prefill(model, queries, query_mask)
     cache = StaticCache(config=model.config, max_cache_len=Tq + max_new_tokens - 1)
     for i, layer in enumerate(prefilled.layers):
         cache.update(layer.keys, layer.values, i)
     del prefilled
-    key_mask = torch.zeros(B, Tq + max_new_tokens - 1, dtype=torch.bool, device=queries.device)  # (B, L) slots each row attends to
+    key_mask = torch.zeros(
+        B, Tq + max_new_tokens - 1, dtype=torch.bool, device=queries.device
+    )  # (B, L) slots each row attends to
     key_mask[:, :Tq] = query_mask.bool()
     slot = torch.tensor([Tq], device=queries.device)  # (1,) the slot this step writes
     positions = query_mask.long().sum(-1, keepdim=True)  # (B, 1) position of the token this step reads
@@ -103,7 +121,13 @@ def static_decoder(model, queries: torch.Tensor, query_mask: torch.Tensor, max_n
     def step() -> torch.Tensor:
         key_mask.index_fill_(1, slot, True)
         # a 4D mask goes to the attention as is: no per-step mask building, no host sync
-        out = model(input_ids=ids, attention_mask=key_mask[:, None, None, :], position_ids=positions, cache=cache, use_cache=True)
+        out = model(
+            input_ids=ids,
+            attention_mask=key_mask[:, None, None, :],
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+        )
         slot.add_(1)
         positions.add_(1)
         return out.logits[:, -1]
@@ -168,7 +192,9 @@ def generate(
     logits in the same order, so a generator state gives the same tokens.
     """
     if decoding == "cuda_graph" and queries.device.type != "cuda":
-        raise InputError(f"decoding cuda_graph needs a CUDA device (the model is on {queries.device.type}): use --decoding static or eager")
+        raise InputError(
+            f"decoding cuda_graph needs a CUDA device (the model is on {queries.device.type}): use --decoding static or eager"
+        )
     if decoding == "eager":
         logits, decode = eager_decoder(model, queries, query_mask)
     else:
@@ -191,7 +217,9 @@ def generate(
     return responses
 
 
-def truncate_after_eos(responses: torch.Tensor, eos_token_id: int, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def truncate_after_eos(
+    responses: torch.Tensor, eos_token_id: int, pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """N+ EOS trick, step 1: keep each response up to and including its first EOS.
 
     Returns (responses with everything after the first EOS set to pad, (B, R) mask of kept
@@ -214,9 +242,19 @@ def pad_queries(query_tokens: list[list[int]], pad_token_id: int, device) -> tup
 
 
 def summarize(
-    model, tokenizer, query_tokens: list[list[int]], *, batch_size: int, max_new_tokens: int, temperature: float,
-    top_k: int = 0, top_p: float = 1.0, seed: int = 0, autocast=None, decoding: Decoding = "eager",
-) -> list[dict]:  # fmt: skip
+    model,
+    tokenizer,
+    query_tokens: list[list[int]],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    autocast=None,
+    decoding: Decoding = "eager",
+) -> list[dict]:
     """Generate one EOS-truncated summary per query: [{response, response_token, has_eos}]."""
     import contextlib
 
@@ -228,13 +266,25 @@ def summarize(
         ids, mask = pad_queries([query_tokens[i] for i in idx], tokenizer.pad_token_id, model.device)
         with autocast() if autocast else contextlib.nullcontext():
             responses = generate(
-                model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                generator=generator, eos_token_id=tokenizer.eos_token_id, decoding=decoding,
-            )  # fmt: skip
+                model,
+                ids,
+                mask,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                generator=generator,
+                eos_token_id=tokenizer.eos_token_id,
+                decoding=decoding,
+            )
         responses, keep, has_eos = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
         for row, i in enumerate(idx):
             tokens = responses[row][keep[row]].tolist()
-            by_index[i] = {"response": tokenizer.decode(tokens, skip_special_tokens=True), "response_token": tokens, "has_eos": bool(has_eos[row])}
+            by_index[i] = {
+                "response": tokenizer.decode(tokens, skip_special_tokens=True),
+                "response_token": tokens,
+                "has_eos": bool(has_eos[row]),
+            }
     return [by_index[i] for i in range(len(query_tokens))]
 
 
@@ -268,7 +318,9 @@ def load_rows(dataset: str | None, split: str, num_samples: int, prompt_file: st
             if isinstance(row, str):
                 row = {"subreddit": "", "title": "", "post": row}
             if not isinstance(row, dict):
-                raise InputError(f"{prompt_file} line {n}: {type(row).__name__}, expected a post string or an object with subreddit, title, post")
+                raise InputError(
+                    f"{prompt_file} line {n}: {type(row).__name__}, expected a post string or an object with subreddit, title, post"
+                )
             row.setdefault("id", f"line{n}")
             rows.append(row)
         return rows[:num_samples] if num_samples else rows
@@ -327,9 +379,18 @@ def main(cfg: Config) -> list[dict]:
     rows = load_rows(cfg.dataset, cfg.split, cfg.num_samples, cfg.prompt_file)
     queries = query_tokens_of(rows, tokenizer, cfg.query_length)
     samples = summarize(
-        model, tokenizer, queries, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-        top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed, autocast=runtime.autocast, decoding=cfg.decoding,
-    )  # fmt: skip
+        model,
+        tokenizer,
+        queries,
+        batch_size=cfg.batch_size,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        seed=cfg.seed,
+        autocast=runtime.autocast,
+        decoding=cfg.decoding,
+    )
     records = []
     for row, q, s in zip(rows, queries, samples):
         reference = row.get("summary") or row.get("reference_response")

@@ -23,7 +23,12 @@ def _first_line(e: BaseException) -> str:
 
 
 def _is_network_error(e: BaseException) -> bool:
-    return isinstance(e, (ConnectionError, TimeoutError)) or type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "httpcore2")
+    return isinstance(e, (ConnectionError, TimeoutError)) or type(e).__module__.split(".")[0] in (
+        "httpx",
+        "httpx2",
+        "httpcore",
+        "httpcore2",
+    )
 
 
 def _explain(action: str, e: BaseException) -> str | None:
@@ -80,7 +85,9 @@ def check_push_target(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise InputError(f"--push-to-hub {repo_id!r} is not a repository id ({_first_line(e).rstrip('.')}): use NAMESPACE/NAME") from None
+        raise InputError(
+            f"--push-to-hub {repo_id!r} is not a repository id ({_first_line(e).rstrip('.')}): use NAMESPACE/NAME"
+        ) from None
     if get_token() is None:
         raise InputError(f"--push-to-hub {repo_id} needs a token: {TOKEN_HINT}")
     with hub_errors(f"--push-to-hub {repo_id}: checking the token"):
@@ -90,4 +97,6 @@ def check_push_target(repo_id: str) -> None:
     namespaces = [me["name"], *(org["name"] for org in me.get("orgs", []))]
     namespace = repo_id.split("/")[0] if "/" in repo_id else me["name"]
     if namespace not in namespaces:
-        raise InputError(f"--push-to-hub {repo_id}: the token's user {me['name']} may not create repositories under {namespace!r}: push to one of {namespaces}")
+        raise InputError(
+            f"--push-to-hub {repo_id}: the token's user {me['name']} may not create repositories under {namespace!r}: push to one of {namespaces}"
+        )

@@ -56,7 +56,7 @@ _PREFERRED = re.compile(r"Preferred:\s*\**\s*(?:summary\s+)?[\"'“”]?\s*([AB]
 
 
 def parse_verdict(reply: str) -> str | None:
-    """"A" or "B" from the judge's last `Preferred:` line; None when it has none (never guessed)."""
+    """The verdict, "A" or "B", from the judge's last `Preferred:` line; None when it has none (never guessed)."""
     found = _PREFERRED.findall(reply or "")
     return found[-1].upper() if found else None
 
@@ -73,10 +73,22 @@ class Judge:
     reply, so rerunning an evaluation costs nothing.
     """
 
-    def __init__(self, url: str, model: str, cache_path: str | Path, *, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8,
-                 max_retries: int = 5, backoff_s: float = 1.0, timeout_s: float = 120.0, temperature: float = 0.0):  # fmt: skip
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        cache_path: str | Path,
+        *,
+        api_key_env: str = "OPENAI_API_KEY",
+        concurrency: int = 8,
+        max_retries: int = 5,
+        backoff_s: float = 1.0,
+        timeout_s: float = 120.0,
+        temperature: float = 0.0,
+    ):
         self.url = url.rstrip("/") + ("" if url.rstrip("/").endswith("/chat/completions") else "/chat/completions")
-        self.model, self.concurrency, self.max_retries, self.backoff_s, self.timeout_s, self.temperature = model, concurrency, max_retries, backoff_s, timeout_s, temperature
+        self.model, self.temperature, self.concurrency = model, temperature, concurrency
+        self.max_retries, self.backoff_s, self.timeout_s = max_retries, backoff_s, timeout_s
         self.api_key = os.environ.get(api_key_env)
         self.cache_path = Path(cache_path)
         self.cache: dict[str, str] = {}
@@ -92,7 +104,14 @@ class Judge:
         return hashlib.sha256(json.dumps([self.model, self.temperature, prompt]).encode()).hexdigest()
 
     def _request(self, prompt: str) -> str:
-        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}], "temperature": self.temperature, "max_tokens": 256}).encode()
+        body = json.dumps(
+            {
+                "model": self.model,
+                "messages": [{"role": "user", "content": prompt}],
+                "temperature": self.temperature,
+                "max_tokens": 256,
+            }
+        ).encode()
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -105,12 +124,16 @@ class Judge:
                     return json.loads(response.read())["choices"][0]["message"]["content"] or ""
             except urllib.error.HTTPError as e:
                 if e.code != 429 and e.code < 500:
-                    raise JudgeError(f"judge {self.url} answered HTTP {e.code}: check --judge-url, --judge-model and the API key variable") from None
+                    raise JudgeError(
+                        f"judge {self.url} answered HTTP {e.code}: check --judge-url, --judge-model and the API key variable"
+                    ) from None
                 error = f"HTTP {e.code}"
             except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
                 error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
             except (KeyError, IndexError, json.JSONDecodeError):
-                raise JudgeError(f"judge {self.url} returned no chat completion: is it an OpenAI-compatible endpoint?") from None
+                raise JudgeError(
+                    f"judge {self.url} returned no chat completion: is it an OpenAI-compatible endpoint?"
+                ) from None
             if attempt < self.max_retries:
                 time.sleep(self.backoff_s * 2**attempt)
         raise JudgeError(f"judge {self.url} failed {self.max_retries + 1} times (last: {error})")
@@ -134,7 +157,10 @@ class Judge:
         """
         rng = random.Random(seed)
         swaps = [rng.random() < 0.5 for _ in items]
-        prompts = [JUDGE_PROMPT.format(post=post, a=second if swap else first, b=first if swap else second) for (post, first, second), swap in zip(items, swaps)]
+        prompts = [
+            JUDGE_PROMPT.format(post=post, a=second if swap else first, b=first if swap else second)
+            for (post, first, second), swap in zip(items, swaps)
+        ]
         with concurrent.futures.ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             replies = list(pool.map(self.ask, prompts))
         results = []
@@ -150,4 +176,10 @@ def win_rate(outcomes: list[float | None]) -> dict:
     parsed = [o for o in outcomes if o is not None]
     wins = sum(parsed)
     low, high = wilson_interval(wins, len(parsed))
-    return {"win_rate": wins / len(parsed) if parsed else float("nan"), "ci_low": low, "ci_high": high, "n": len(parsed), "unparseable": len(outcomes) - len(parsed)}
+    return {
+        "win_rate": wins / len(parsed) if parsed else float("nan"),
+        "ci_low": low,
+        "ci_high": high,
+        "n": len(parsed),
+        "unparseable": len(outcomes) - len(parsed),
+    }

@@ -21,7 +21,13 @@ import torch.nn.functional as F
 import transformers
 from safetensors import safe_open
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
+from transformers import (
+    AttentionInterface,
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    PreTrainedModel,
+)
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -42,27 +48,39 @@ def check_checkpoint(path: str, want: str) -> None:
                 f"{path} is not a local checkpoint and not a model on the Hugging Face Hub ({first}): check the name; offline (HF_HUB_OFFLINE=1) it must be in the cache"
             ) from None
         if want == "reward" and not any(a.endswith("ForSequenceClassification") for a in archs):
-            raise InputError(f"{path} holds {archs or 'no architecture'}, not a reward model: pass reward.py's output directory")
+            raise InputError(
+                f"{path} holds {archs or 'no architecture'}, not a reward model: pass reward.py's output directory"
+            )
         return
     if not (p / "config.json").exists():
         raise InputError(f"{path} is not a Hugging Face checkpoint (no config.json): pass the stage's output directory")
     archs = AutoConfig.from_pretrained(str(p)).architectures or []
     if want == "reward" and not any(a.endswith("ForSequenceClassification") for a in archs):
-        raise InputError(f"{path} holds {archs or 'no architecture'}, not a reward model: pass reward.py's output directory")
+        raise InputError(
+            f"{path} holds {archs or 'no architecture'}, not a reward model: pass reward.py's output directory"
+        )
     if want == "policy" and any(a.endswith("ForSequenceClassification") for a in archs):
-        raise InputError(f"{path} is a reward model ({archs[0]}), not a policy: pass sft.py's or ppo.py's output directory")
+        raise InputError(
+            f"{path} is a reward model ({archs[0]}), not a policy: pass sft.py's or ppo.py's output directory"
+        )
     # a kill during an export leaves config.json without weights; a damaged disk, a cut file
     weights = sorted(p.glob("*.safetensors"))
     if not weights and any(p.glob("pytorch_model*.bin")):  # pickle: loading it can run code
-        raise InputError(f"{path} holds only pickle weights (pytorch_model*.bin), and only safetensors are loaded: re-save it with save_pretrained(..., safe_serialization=True)")
+        raise InputError(
+            f"{path} holds only pickle weights (pytorch_model*.bin), and only safetensors are loaded: re-save it with save_pretrained(..., safe_serialization=True)"
+        )
     if not weights:
-        raise InputError(f"{path} has no model weights (model.safetensors): rerun the stage that wrote it (with --resume), or delete that checkpoint directory")
+        raise InputError(
+            f"{path} has no model weights (model.safetensors): rerun the stage that wrote it (with --resume), or delete that checkpoint directory"
+        )
     for file in weights:
         try:
             with safe_open(str(file), framework="pt"):  # reads the header, checks the file holds every tensor
                 pass
         except Exception as e:  # noqa: BLE001 - SafetensorError or OSError: one line naming the file
-            raise InputError(f"{file} is truncated or corrupted ({str(e).splitlines()[0]}): delete that checkpoint directory or rerun the stage that wrote it") from None
+            raise InputError(
+                f"{file} is truncated or corrupted ({str(e).splitlines()[0]}): delete that checkpoint directory or rerun the stage that wrote it"
+            ) from None
 
 
 def fit_embeddings(model: PreTrainedModel, tokenizer) -> None:
@@ -110,14 +128,38 @@ yet, so the loaders keep sdpa_packed. Generation, masks and KV caches use transf
 under all three."""
 
 
-def sdpa_packed(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, segments=None, **kwargs):
+def sdpa_packed(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling=None,
+    is_causal=None,
+    segments=None,
+    **kwargs,
+):
     """SDPA that also runs packed rows: given `segments` ((start, end) of each row inside the one
     packed row, from `hidden_states`), causal attention within each segment only; otherwise
     transformers' own SDPA (generation, masks, KV cache)."""
     if segments is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     p = dropout if module.training else 0.0
-    outputs = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=p, is_causal=True, scale=scaling, enable_gqa=True) for s, e in segments]
+    outputs = [
+        F.scaled_dot_product_attention(
+            query[:, :, s:e],
+            key[:, :, s:e],
+            value[:, :, s:e],
+            dropout_p=p,
+            is_causal=True,
+            scale=scaling,
+            enable_gqa=True,
+        )
+        for s, e in segments
+    ]
     return torch.cat(outputs, 2).transpose(1, 2), None
 
 
@@ -135,14 +177,30 @@ def one_dtype(query, key, value) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return query.to(dtype), key.to(dtype), value.to(dtype)
 
 
-def varlen_packed(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, cu_seqlens=None, max_seqlen=None, **kwargs):
+def varlen_packed(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling=None,
+    is_causal=None,
+    cu_seqlens=None,
+    max_seqlen=None,
+    **kwargs,
+):
     """`sdpa_packed` with the rows in one FlashAttention varlen call: `cu_seqlens` (rows + 1,) int32
     offsets of the rows in the packed row and `max_seqlen` the longest, from `hidden_states`."""
     if cu_seqlens is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     query, key, value = one_dtype(query, key, value)
     if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16):
-        raise InputError(f"{PACKED_VARLEN} attention runs on CUDA in bf16/fp16 only (got {query.device.type}, {query.dtype}): use bf16 autocast on a GPU, or {PACKED_SDPA}")
+        raise InputError(
+            f"{PACKED_VARLEN} attention runs on CUDA in bf16/fp16 only (got {query.device.type}, {query.dtype}): use bf16 autocast on a GPU, or {PACKED_SDPA}"
+        )
     from torch.nn.attention.varlen import varlen_attn
 
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (N, heads, D)
@@ -157,7 +215,9 @@ def varlen_packed(module, query, key, value, attention_mask, dropout: float = 0.
     if "scale" in accepts:
         kwargs["scale"] = scaling
     elif scaling is not None and not math.isclose(scaling, q.shape[-1] ** -0.5):
-        raise InputError(f"this torch's varlen_attn has no scale argument and the model scales by {scaling}: use {PACKED_SDPA} or a newer torch")
+        raise InputError(
+            f"this torch's varlen_attn has no scale argument and the model scales by {scaling}: use {PACKED_SDPA} or a newer torch"
+        )
     out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
     return out[None], None  # (1, N, heads, D)
 
@@ -168,13 +228,28 @@ def compiled_flex_attention():
     return torch.compile(flex_attention)
 
 
-def flex_packed(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, block_mask=None, **kwargs):
+def flex_packed(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling=None,
+    is_causal=None,
+    block_mask=None,
+    **kwargs,
+):
     """`sdpa_packed` with the rows in one `flex_attention` call: `block_mask` lets each token see
     the earlier tokens of its own row (from `hidden_states`)."""
     if block_mask is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     if not query.is_cuda and query.requires_grad:
-        raise InputError(f"{PACKED_FLEX} attention has no backward on CPU (torch's flex_attention): train on CPU with {PACKED_SDPA}")
+        raise InputError(
+            f"{PACKED_FLEX} attention has no backward on CPU (torch's flex_attention): train on CPU with {PACKED_SDPA}"
+        )
     attend = compiled_flex_attention() if query.is_cuda else flex_attention
     query, key, value = one_dtype(query, key, value)
     out = attend(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=True)
@@ -193,7 +268,9 @@ def packing_kwargs(model: PreTrainedModel, lengths: list[int], device) -> dict:
         cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
         return {"cu_seqlens": cu_seqlens, "max_seqlen": max(lengths)}
     if kind == PACKED_FLEX:
-        row = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))  # (N,) row of each token
+        row = torch.repeat_interleave(
+            torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device)
+        )  # (N,) row of each token
 
         def same_row_causal(b, h, q, kv):
             return (row[q] == row[kv]) & (kv <= q)
@@ -205,26 +282,39 @@ def packing_kwargs(model: PreTrainedModel, lengths: list[int], device) -> dict:
 
 
 def load_policy(
-    path: str, tokenizer, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", revision: str | None = None,
+    path: str,
+    tokenizer,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    revision: str | None = None,
     attention: PackedAttention = PACKED_SDPA,
-) -> PreTrainedModel:  # fmt: skip
+) -> PreTrainedModel:
     check_checkpoint(path, "policy")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention, revision=revision, use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation=attention, revision=revision, use_safetensors=True
+    )
     fit_embeddings(model, tokenizer)
     return model.to(device)
 
 
 def load_reward_model(
-    path: str, tokenizer, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *, new_head: bool = False,
+    path: str,
+    tokenizer,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    *,
+    new_head: bool = False,
     attention: PackedAttention = PACKED_SDPA,
-) -> PreTrainedModel:  # fmt: skip
+) -> PreTrainedModel:
     """A reward checkpoint, or (new_head=True) a causal-LM backbone with a fresh N+ scalar head."""
     check_checkpoint(path, "policy" if new_head else "reward")
     verbosity = transformers.logging.get_verbosity()
     if new_head:
         transformers.logging.set_verbosity_error()  # "score.weight MISSING" is the point: we init it next
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype, attn_implementation=attention, use_safetensors=True)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=dtype, attn_implementation=attention, use_safetensors=True
+        )
     finally:
         transformers.logging.set_verbosity(verbosity)
     if new_head:
@@ -253,7 +343,9 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def hidden_states(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, pack: bool | None = None) -> torch.Tensor:
+def hidden_states(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, pack: bool | None = None
+) -> torch.Tensor:
     """(B, T, H) last hidden states of the backbone, without the LM or score head.
 
     With `pack` (the default on CPU) the real tokens of all rows run as one packed row, each
@@ -268,19 +360,32 @@ def hidden_states(model: PreTrainedModel, input_ids: torch.Tensor, attention_mas
     if pack is None:
         pack = input_ids.device.type == "cpu" or model.config._attn_implementation in (PACKED_VARLEN, PACKED_FLEX)
     if not pack:
-        out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False)
+        out = model.base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask),
+            use_cache=False,
+        )
         return out.last_hidden_state
     keep = attention_mask.bool()
     lengths = keep.sum(1).tolist()
     positions = position_ids(attention_mask)[keep]
     packing = packing_kwargs(model, lengths, input_ids.device)
-    out = model.base_model(input_ids=input_ids[keep][None], position_ids=positions[None], use_cache=False, **packing).last_hidden_state
+    out = model.base_model(
+        input_ids=input_ids[keep][None], position_ids=positions[None], use_cache=False, **packing
+    ).last_hidden_state
     hidden = out.new_zeros(*input_ids.shape, out.shape[-1])
     hidden[keep] = out[0]
     return hidden
 
 
-def lm_loss_sum(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, pack: bool | None = None) -> tuple[torch.Tensor, int]:
+def lm_loss_sum(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    pack: bool | None = None,
+) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over labels != -100, and their count.
 
     The LM head (151,936 wide on Qwen2.5, about a third of the 0.5B model's FLOPs) runs only at
@@ -294,7 +399,14 @@ def lm_loss_sum(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask:
     return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), int(keep.sum())
 
 
-def response_logits(model: PreTrainedModel, query_responses: torch.Tensor, attention_mask: torch.Tensor, context_length: int, temperature: float, pack: bool | None = None) -> torch.Tensor:
+def response_logits(
+    model: PreTrainedModel,
+    query_responses: torch.Tensor,
+    attention_mask: torch.Tensor,
+    context_length: int,
+    temperature: float,
+    pack: bool | None = None,
+) -> torch.Tensor:
     """(B, R, V) logits / temperature that predict the R response tokens after `context_length`.
 
     N+ detail: the training forward divides by the sampling temperature, so the log-probs of
@@ -315,7 +427,9 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return T - 1 - attention_mask.long().flip(-1).argmax(-1)
 
 
-def get_score(reward_model: PreTrainedModel, query_responses: torch.Tensor, attention_mask: torch.Tensor, pack: bool | None = None) -> torch.Tensor:
+def get_score(
+    reward_model: PreTrainedModel, query_responses: torch.Tensor, attention_mask: torch.Tensor, pack: bool | None = None
+) -> torch.Tensor:
     """(B,) reward-model score of each query+response, read at its last real token (the EOS).
 
     The one scoring function: reward.py trains and normalises with it, ppo.py scores rollouts
@@ -328,7 +442,14 @@ def get_score(reward_model: PreTrainedModel, query_responses: torch.Tensor, atte
     return reward_model.score(last).squeeze(-1).float() + getattr(reward_model.config, "score_bias", 0.0)
 
 
-def pair_hidden_states(model: PreTrainedModel, queries: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor, response_mask: torch.Tensor, share_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_hidden_states(
+    model: PreTrainedModel,
+    queries: torch.Tensor,
+    query_mask: torch.Tensor,
+    responses: torch.Tensor,
+    response_mask: torch.Tensor,
+    share_prefix: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Hidden states of two responses per query: (2B, H) at each query's last token and
     (2B, Tr, H) at the response tokens, rows chosen_1, rejected_1, chosen_2, ...
 
@@ -343,16 +464,30 @@ def pair_hidden_states(model: PreTrainedModel, queries: torch.Tensor, query_mask
         full_mask = torch.cat([query_mask.repeat_interleave(2, 0), response_mask], 1)
         hidden = hidden_states(model, torch.cat([queries.repeat_interleave(2, 0), responses], 1), full_mask)
         return hidden[:, queries.shape[1] - 1], hidden[:, queries.shape[1] :]
-    out = model.base_model(input_ids=queries, attention_mask=query_mask, position_ids=position_ids(query_mask), use_cache=True)
+    out = model.base_model(
+        input_ids=queries, attention_mask=query_mask, position_ids=position_ids(query_mask), use_cache=True
+    )
     cache = out.cache
     cache.batch_repeat_interleave(2)  # keeps the graph: gradients reach the query through both responses
     mask = torch.cat([query_mask.repeat_interleave(2, 0), response_mask], 1)
-    positions = query_mask.sum(1).repeat_interleave(2)[:, None] + torch.arange(responses.shape[1], device=responses.device)[None]
-    hidden = model.base_model(input_ids=responses, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True).last_hidden_state
+    positions = (
+        query_mask.sum(1).repeat_interleave(2)[:, None]
+        + torch.arange(responses.shape[1], device=responses.device)[None]
+    )
+    hidden = model.base_model(
+        input_ids=responses, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
+    ).last_hidden_state
     return out.last_hidden_state[:, -1].repeat_interleave(2, 0), hidden
 
 
-def get_pair_scores(reward_model: PreTrainedModel, queries: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor, response_mask: torch.Tensor, share_prefix: bool = True) -> torch.Tensor:
+def get_pair_scores(
+    reward_model: PreTrainedModel,
+    queries: torch.Tensor,
+    query_mask: torch.Tensor,
+    responses: torch.Tensor,
+    response_mask: torch.Tensor,
+    share_prefix: bool = True,
+) -> torch.Tensor:
     """(2B,) scores of rows chosen_1, rejected_1, chosen_2, ...: `get_score` of each query+summary,
     each query run once (`pair_hidden_states`)."""
     _, hidden = pair_hidden_states(reward_model, queries, query_mask, responses, response_mask, share_prefix)
@@ -360,7 +495,14 @@ def get_pair_scores(reward_model: PreTrainedModel, queries: torch.Tensor, query_
     return reward_model.score(last).squeeze(-1).float() + getattr(reward_model.config, "score_bias", 0.0)
 
 
-def get_pair_logprobs(policy: PreTrainedModel, queries: torch.Tensor, query_mask: torch.Tensor, responses: torch.Tensor, response_mask: torch.Tensor, share_prefix: bool = True) -> torch.Tensor:
+def get_pair_logprobs(
+    policy: PreTrainedModel,
+    queries: torch.Tensor,
+    query_mask: torch.Tensor,
+    responses: torch.Tensor,
+    response_mask: torch.Tensor,
+    share_prefix: bool = True,
+) -> torch.Tensor:
     """(2B, Tr) log-probability of each response token under `policy` (0 on padding), rows
     chosen_1, rejected_1, chosen_2, ..., each query run once (`pair_hidden_states`).
 

@@ -63,7 +63,11 @@ class Config:
 
 
 def run_stage(script: str, args: list[str], nproc: int) -> float:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        if nproc > 1
+        else [sys.executable]
+    )
     command = launcher + [str(REPO / script)] + args
     print("$ " + " ".join(shlex.quote(c) for c in command), flush=True)
     start = time.time()
@@ -75,12 +79,18 @@ METHODS = ("ppo", "dpo", "grpo")
 
 
 def main(cfg: Config) -> None:
-    methods = [m.strip() for m in (cfg.methods or (",".join(METHODS) if cfg.preset == "smoke" else "ppo")).split(",") if m.strip()]
+    methods = [
+        m.strip()
+        for m in (cfg.methods or (",".join(METHODS) if cfg.preset == "smoke" else "ppo")).split(",")
+        if m.strip()
+    ]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise InputError(f"--methods {cfg.methods!r}: pick from {', '.join(METHODS)} (comma-separated)")
     if cfg.preset == "quick" and methods != ["ppo"]:
-        raise InputError(f"--preset quick sizes SFT, reward model and PPO only (not {', '.join(m for m in methods if m != 'ppo')}): drop --methods or use --preset spark")
+        raise InputError(
+            f"--preset quick sizes SFT, reward model and PPO only (not {', '.join(m for m in methods if m != 'ppo')}): drop --methods or use --preset spark"
+        )
     out = Path(cfg.output_dir).resolve()
     sft, rm, ev = out / "sft", out / "reward", out / "eval"
     preset = ["--preset", cfg.preset] if cfg.preset in ("smoke", "quick") else []
@@ -89,23 +99,45 @@ def main(cfg: Config) -> None:
         return ["--resume"] if latest_checkpoint(stage_dir) else []
 
     times = {}
-    times["sft"] = run_stage("sft.py", preset + ["--output-dir", str(sft)] + resume(sft) + shlex.split(cfg.sft_args), cfg.nproc_per_node)
-    times["reward"] = run_stage("reward.py", preset + ["--sft-path", str(sft), "--output-dir", str(rm)] + resume(rm) + shlex.split(cfg.reward_args), cfg.nproc_per_node)
-    inputs = {"ppo": ["--reward-path", str(rm)], "dpo": [], "grpo": ["--reward-path", str(rm)]}  # DPO learns from the comparisons alone
+    times["sft"] = run_stage(
+        "sft.py", preset + ["--output-dir", str(sft)] + resume(sft) + shlex.split(cfg.sft_args), cfg.nproc_per_node
+    )
+    times["reward"] = run_stage(
+        "reward.py",
+        preset + ["--sft-path", str(sft), "--output-dir", str(rm)] + resume(rm) + shlex.split(cfg.reward_args),
+        cfg.nproc_per_node,
+    )
+    inputs = {
+        "ppo": ["--reward-path", str(rm)],
+        "dpo": [],
+        "grpo": ["--reward-path", str(rm)],
+    }  # DPO learns from the comparisons alone
     extra = {"ppo": cfg.ppo_args, "dpo": cfg.dpo_args, "grpo": cfg.grpo_args}
     for m in methods:
         stage_dir = out / m
-        times[m] = run_stage(f"{m}.py", preset + ["--sft-path", str(sft), *inputs[m], "--output-dir", str(stage_dir)] + resume(stage_dir) + shlex.split(extra[m]), cfg.nproc_per_node)
+        times[m] = run_stage(
+            f"{m}.py",
+            preset
+            + ["--sft-path", str(sft), *inputs[m], "--output-dir", str(stage_dir)]
+            + resume(stage_dir)
+            + shlex.split(extra[m]),
+            cfg.nproc_per_node,
+        )
     start = time.time()
     policies = [sft] + [out / m for m in methods]
     result = evaluate.main(
         evaluate.Config(
-            policy=[str(p) for p in policies], reward_path=str(rm), head_to_head=len(policies) > 1, output_dir=str(ev),
+            policy=[str(p) for p in policies],
+            reward_path=str(rm),
+            head_to_head=len(policies) > 1,
+            output_dir=str(ev),
             head_to_head_against=str(out / "ppo") if "ppo" in methods and len(methods) > 1 else None,
             dataset=str(tiny.SFT_DIR) if cfg.preset == "smoke" else evaluate.Config.dataset,
-            num_samples=cfg.eval_samples or {"smoke": 16, "quick": 256}.get(cfg.preset, 512), judge_url=cfg.judge_url, judge_model=cfg.judge_model,
+            num_samples=cfg.eval_samples or {"smoke": 16, "quick": 256}.get(cfg.preset, 512),
+            judge_url=cfg.judge_url,
+            judge_model=cfg.judge_model,
         )
-    )  # fmt: skip
+    )
     times["evaluate"] = time.time() - start
     write_report(out, cfg, methods, result, times)
     print(f"pipeline done: {out / 'report.md'}")
@@ -119,33 +151,62 @@ def _rate(w: dict | None) -> str:
 
 
 def write_report(out: Path, cfg: Config, methods: list[str], result: dict, times: dict) -> None:
-    label = " (offline smoke run: tiny random-init model on bundled fixtures; the numbers show the pipeline works, not summary quality)" if cfg.preset == "smoke" else ""
+    label = (
+        " (offline smoke run: tiny random-init model on bundled fixtures; the numbers show the pipeline works, not summary quality)"
+        if cfg.preset == "smoke"
+        else ""
+    )
     sft_final = [r for r in read_metrics(out / "sft" / "metrics.jsonl") if "val/loss" in r]
     rm_final = read_metrics(out / "reward" / "metrics.jsonl")[-1]
-    figures = {"sft/loss.png": "SFT loss", "reward/curves.png": "reward model training", "reward/calibration_validation.png": "reward model calibration",
-               "ppo/curves.png": "PPO score, KL, length", "dpo/curves.png": "DPO loss and implicit-reward accuracy", "grpo/curves.png": "GRPO score, KL, length",
-               "eval/winrate_vs_length.png": "win rate vs length", "eval/score_histogram.png": "score histogram"}  # fmt: skip
-    lines = [f"# Pipeline report{label}\n", "| stage | wall time (s) |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in times.items()]
+    figures = {
+        "sft/loss.png": "SFT loss",
+        "reward/curves.png": "reward model training",
+        "reward/calibration_validation.png": "reward model calibration",
+        "ppo/curves.png": "PPO score, KL, length",
+        "dpo/curves.png": "DPO loss and implicit-reward accuracy",
+        "grpo/curves.png": "GRPO score, KL, length",
+        "eval/winrate_vs_length.png": "win rate vs length",
+        "eval/score_histogram.png": "score histogram",
+    }
+    lines = [f"# Pipeline report{label}\n", "| stage | wall time (s) |", "|---|---|"] + [
+        f"| {k} | {v:.0f} |" for k, v in times.items()
+    ]
     lines += [
-        "", "## Stages\n",
-        f"- SFT: validation loss {sft_final[0]['val/loss']:.3f} -> {sft_final[-1]['val/loss']:.3f}" if sft_final else "- SFT: no validation loss logged",
+        "",
+        "## Stages\n",
+        f"- SFT: validation loss {sft_final[0]['val/loss']:.3f} -> {sft_final[-1]['val/loss']:.3f}"
+        if sft_final
+        else "- SFT: no validation loss logged",
         f"- reward model: validation accuracy {rm_final.get('eval/validation/accuracy', float('nan')):.3f}",
-    ]  # fmt: skip
+    ]
     for m in methods:
         records = read_metrics(out / m / "metrics.jsonl")
         if m == "dpo":
             val = [r for r in records if "val/rewards/accuracies" in r]
             final = {k: v for r in records for k, v in r.items()}
-            lines.append(f"- DPO: implicit-reward accuracy {val[0]['val/rewards/accuracies']:.3f} -> {final.get('eval/validation/accuracy', float('nan')):.3f} (validation)" if val else "- DPO: no evaluation logged")
+            lines.append(
+                f"- DPO: implicit-reward accuracy {val[0]['val/rewards/accuracies']:.3f} -> {final.get('eval/validation/accuracy', float('nan')):.3f} (validation)"
+                if val
+                else "- DPO: no evaluation logged"
+            )
         else:
-            lines.append(f"- {m.upper()}: score {records[0]['objective/scores']:.3f} -> {records[-1]['objective/scores']:.3f}, KL {records[-1]['objective/kl']:.3f}" if records else f"- {m.upper()}: no updates logged")
+            lines.append(
+                f"- {m.upper()}: score {records[0]['objective/scores']:.3f} -> {records[-1]['objective/scores']:.3f}, KL {records[-1]['objective/kl']:.3f}"
+                if records
+                else f"- {m.upper()}: no updates logged"
+            )
     names = ["SFT"] + [m.upper() for m in methods]
     judge = f"LLM judge `{cfg.judge_model}`" if cfg.judge_url else None
     against = result.get("head_to_head_against") or {}
     header = "| policy | ROUGE-L | mean length | no-EOS share | RM score | RM win rate vs reference [95% CI] |"
     header += f" {judge} win rate vs reference |" if judge else ""
     header += " vs PPO, RM judge |" + (" vs PPO, LLM judge |" if judge else "") if against else ""
-    lines += ["", f"## {' vs '.join(names)} (same posts, same reward model{', same judge' if judge else ''})\n", header, "|" + "---|" * header.count(" |")]
+    lines += [
+        "",
+        f"## {' vs '.join(names)} (same posts, same reward model{', same judge' if judge else ''})\n",
+        header,
+        "|" + "---|" * header.count(" |"),
+    ]
     for name, (path, s) in zip(names, result["summary"].items()):
         row = f"| {name.lower()} | {s['rougeL']:.3f} | {s['mean_length']:.1f} | {s['no_eos_rate']:.3f} | {s.get('score', float('nan')):.3f} | {_rate(s.get('rm_win_rate'))} |"
         row += f" {_rate(s.get('judge_win_rate'))} |" if judge else ""
@@ -157,7 +218,9 @@ def write_report(out: Path, cfg: Config, methods: list[str], result: dict, times
         lines.append("\n'vs PPO': how often the policy's summary beats PPO's on the same post (ties count half).")
     if "rm" in result["head_to_head"]:
         h = result["head_to_head"]["rm"]
-        lines.append(f"\nSFT vs {names[1]} head to head (reward-model judge): SFT wins {h['win_rate']:.3f} [{h['ci_low']:.3f}, {h['ci_high']:.3f}], n={h['n']}.")
+        lines.append(
+            f"\nSFT vs {names[1]} head to head (reward-model judge): SFT wins {h['win_rate']:.3f} [{h['ci_low']:.3f}, {h['ci_high']:.3f}], n={h['n']}."
+        )
     lines.append("\nFull evaluation: [eval/report.md](eval/report.md)\n")
     for rel, title in figures.items():
         if (out / rel).exists():

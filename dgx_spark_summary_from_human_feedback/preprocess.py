@@ -59,7 +59,9 @@ def _text(row: dict, key: str, where: str, *, allow_empty: bool = True) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise InputError(f"row {_row_id(row)}: field '{where}{key}' holds an unpaired surrogate (invalid Unicode): fix the source text") from None
+        raise InputError(
+            f"row {_row_id(row)}: field '{where}{key}' holds an unpaired surrogate (invalid Unicode): fix the source text"
+        ) from None
     return value
 
 
@@ -127,11 +129,16 @@ def format_report(report: Report, stats: dict) -> str:
     lines.append("truncated: " + (", ".join(f"{k}: {v}" for k, v in sorted(report.truncated.items())) or "none"))
     lines.append("dropped: " + (", ".join(f"{k}: {v}" for k, v in sorted(report.dropped.items())) or "none"))
     if report.relabelled:
-        lines.append("split taken from the file, not the row's own split field: " + ", ".join(f"{k}: {v}" for k, v in sorted(report.relabelled.items())))
+        lines.append(
+            "split taken from the file, not the row's own split field: "
+            + ", ".join(f"{k}: {v}" for k, v in sorted(report.relabelled.items()))
+        )
     return "\n".join(lines)
 
 
-def _query_response(query_ids: list[int], response_ids: list[int], total: int, pad_id: int) -> tuple[list[int], list[int]]:
+def _query_response(
+    query_ids: list[int], response_ids: list[int], total: int, pad_id: int
+) -> tuple[list[int], list[int]]:
     """Unpadded query + response, right padded; labels -100 on query and padding, EOS kept."""
     ids = query_ids + response_ids
     labels = [-100] * len(query_ids) + response_ids + [-100] * (total - len(ids))
@@ -162,7 +169,9 @@ def _stop_if_emptied(splits: list[str], report: Report) -> None:
     """Rows went into these splits but none came out: stop with one line, not in a later KeyError."""
     if splits:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(report.dropped.items()))
-        raise InputError(f"split {splits[0]!r}: all {report.rows_in[splits[0]]} rows were dropped (drops in all splits: {reasons}): fix the rows, raise --response-length or pass --long-response truncate")
+        raise InputError(
+            f"split {splits[0]!r}: all {report.rows_in[splits[0]]} rows were dropped (drops in all splits: {reasons}): fix the rows, raise --response-length or pass --long-response truncate"
+        )
 
 
 def process_sft(
@@ -182,7 +191,13 @@ def process_sft(
 
     def process(batch: dict, split: str) -> dict:
         out: dict[str, list] = {k: [] for k in SFT_COLUMNS}
-        valid = _parse_rows(_rows(batch), lambda row: (sft_query_fields(row), _text(row, "summary", "", allow_empty=False)), split, skip_bad_rows, report)
+        valid = _parse_rows(
+            _rows(batch),
+            lambda row: (sft_query_fields(row), _text(row, "summary", "", allow_empty=False)),
+            split,
+            skip_bad_rows,
+            report,
+        )
         queries = fit_queries(tokenizer, [fields for _, fields, _ in valid], lengths.query)
         # the dataset's summaries have no leading space: the response is " " + summary + EOS
         responses = response_ids(tokenizer, [" " + summary for _, _, summary in valid], lengths.response, long_response)
@@ -227,16 +242,29 @@ def process_sft(
             for split, ds in raw.items()
         }
     )
-    _stop_if_emptied([split for split, ds in processed.items() if len(ds) == 0], report)  # an empty split has no columns either
+    _stop_if_emptied(
+        [split for split, ds in processed.items() if len(ds) == 0], report
+    )  # an empty split has no columns either
     return processed
 
 
 SFT_COLUMNS = [
-    "id", "subreddit", "title", "post", "summary", "query", "query_token", "query_token_len",
-    "reference_response", "reference_response_token", "reference_response_token_len",
-    "query_reference_response", "query_reference_response_token",
-    "query_reference_response_token_response_label", "query_reference_response_token_len",
-]  # fmt: skip
+    "id",
+    "subreddit",
+    "title",
+    "post",
+    "summary",
+    "query",
+    "query_token",
+    "query_token_len",
+    "reference_response",
+    "reference_response_token",
+    "reference_response_token_len",
+    "query_reference_response",
+    "query_reference_response_token",
+    "query_reference_response_token_response_label",
+    "query_reference_response_token_len",
+]
 
 
 # A source (a Hub split, a local file) with one of these names decides the split of all its rows.
@@ -279,9 +307,19 @@ def process_comparisons(
         for own in (row.get("split") for row in rows):
             if source_split in NAMED_SPLITS and own and (own == "train") != (target == "train"):
                 report.relabelled[f"{source_split} (rows say {own!r})"] += 1
-        valid = _parse_rows(rows, lambda row: (*comparison_query_fields(row), *comparison_pair(row)), target, skip_bad_rows, report)
+        valid = _parse_rows(
+            rows, lambda row: (*comparison_query_fields(row), *comparison_pair(row)), target, skip_bad_rows, report
+        )
         reddit = iter(fit_queries(tokenizer, [f for _, f, cnndm, _, _ in valid if not cnndm], lengths.query))
-        articles = iter(fit_queries(tokenizer, [f for _, f, cnndm, _, _ in valid if cnndm], lengths.cnndm_query, CNNDM_QUERY_FORMAT, ("article",)))
+        articles = iter(
+            fit_queries(
+                tokenizer,
+                [f for _, f, cnndm, _, _ in valid if cnndm],
+                lengths.cnndm_query,
+                CNNDM_QUERY_FORMAT,
+                ("article",),
+            )
+        )
         # the comparison summaries already begin with a space: only EOS is appended
         texts = [s["text"] for _, _, _, chosen, rejected in valid for s in (chosen, rejected)]
         summaries = iter(response_ids(tokenizer, texts, lengths.response, long_response))
@@ -298,26 +336,8 @@ def process_comparisons(
             if chosen_cut or rejected_cut:
                 report.truncated[f"response cut to {lengths.response} tokens"] += 1
             report.rows_out[target] += 1
-            info = row["info"]
-            extra = row.get("extra") if isinstance(row.get("extra"), dict) else {}
-            out["id"].append(str(info.get("id", "")))
-            out["query"].append(query)
-            out["query_token"].append(left_pad(query_ids, query_len, pad))
-            out["query_token_len"].append(len(query_ids))
-            for key, summary, ids in (("chosen", chosen, chosen_ids), ("rejected", rejected, rejected_ids)):
-                qr_ids, labels = _query_response(query_ids, ids, query_len + lengths.response, pad)
-                out[key].append(summary["text"] + eos_text)
-                out[f"{key}_token"].append(right_pad(ids, lengths.response, pad))
-                out[f"{key}_token_len"].append(len(ids))
-                out[f"query_{key}_token"].append(qr_ids)
-                out[f"query_{key}_token_response_label"].append(labels)
-                out[f"query_{key}_token_len"].append(len(query_ids) + len(ids))
-                out[f"{key}_policy"].append(str(summary.get("policy")))
-            out["policies"].append("--".join(sorted([str(chosen.get("policy")), str(rejected.get("policy"))])))
-            out["batch"].append(row.get("batch"))
-            out["worker"].append(row.get("worker"))
-            out["split"].append(row.get("split"))
-            out["confidence"].append(extra.get("confidence"))
+            pair = {"chosen": (chosen, chosen_ids), "rejected": (rejected, rejected_ids)}
+            _append_comparison(out, row, query, query_ids, query_len, pair, lengths.response, pad, eos_text)
         return out
 
     targets = ("train", "validation", "validation_cnndm")
@@ -336,24 +356,86 @@ def process_comparisons(
     _stop_if_emptied([target for target in targets if report.rows_in[target] and target not in parts], report)
     # One type per column in every split, or push_to_hub refuses the DatasetDict: a split whose
     # rows all lack extra.confidence (the CNN/DM batches) would type that column as null.
-    return datasets.DatasetDict({t: datasets.concatenate_datasets(p).cast_column("confidence", datasets.Value("int64")) for t, p in parts.items()})
+    return datasets.DatasetDict(
+        {
+            t: datasets.concatenate_datasets(p).cast_column("confidence", datasets.Value("int64"))
+            for t, p in parts.items()
+        }
+    )
+
+
+def _append_comparison(
+    out: dict,
+    row: dict,
+    query: str,
+    query_ids: list[int],
+    query_len: int,
+    pair: dict,
+    response_len: int,
+    pad: int,
+    eos_text: str,
+) -> None:
+    """One comparison's columns appended to `out`; `pair` maps chosen/rejected to (summary, token ids)."""
+    info = row["info"]
+    extra = row.get("extra") if isinstance(row.get("extra"), dict) else {}
+    out["id"].append(str(info.get("id", "")))
+    out["query"].append(query)
+    out["query_token"].append(left_pad(query_ids, query_len, pad))
+    out["query_token_len"].append(len(query_ids))
+    for key, (summary, ids) in pair.items():
+        qr_ids, labels = _query_response(query_ids, ids, query_len + response_len, pad)
+        out[key].append(summary["text"] + eos_text)
+        out[f"{key}_token"].append(right_pad(ids, response_len, pad))
+        out[f"{key}_token_len"].append(len(ids))
+        out[f"query_{key}_token"].append(qr_ids)
+        out[f"query_{key}_token_response_label"].append(labels)
+        out[f"query_{key}_token_len"].append(len(query_ids) + len(ids))
+        out[f"{key}_policy"].append(str(summary.get("policy")))
+    policies = pair["chosen"][0].get("policy"), pair["rejected"][0].get("policy")
+    out["policies"].append("--".join(sorted(str(p) for p in policies)))
+    out["batch"].append(row.get("batch"))
+    out["worker"].append(row.get("worker"))
+    out["split"].append(row.get("split"))
+    out["confidence"].append(extra.get("confidence"))
 
 
 COMPARISON_COLUMNS = [
-    "id", "query", "query_token", "query_token_len",
-    "chosen", "chosen_token", "chosen_token_len", "query_chosen_token",
-    "query_chosen_token_response_label", "query_chosen_token_len",
-    "rejected", "rejected_token", "rejected_token_len", "query_rejected_token",
-    "query_rejected_token_response_label", "query_rejected_token_len",
-    "chosen_policy", "rejected_policy", "policies", "batch", "worker", "split", "confidence",
-]  # fmt: skip
+    "id",
+    "query",
+    "query_token",
+    "query_token_len",
+    "chosen",
+    "chosen_token",
+    "chosen_token_len",
+    "query_chosen_token",
+    "query_chosen_token_response_label",
+    "query_chosen_token_len",
+    "rejected",
+    "rejected_token",
+    "rejected_token_len",
+    "query_rejected_token",
+    "query_rejected_token_response_label",
+    "query_rejected_token_len",
+    "chosen_policy",
+    "rejected_policy",
+    "policies",
+    "batch",
+    "worker",
+    "split",
+    "confidence",
+]
 
 
 RAW_FEATURES = {"sft": SFT_FEATURES, "comparisons": COMPARISON_FEATURES}  # the Hub schema local files are read with
 
 
 def load_stage_data(
-    dataset: str, tokenizer: PreTrainedTokenizerBase, kind: str, splits: tuple[str, ...], lengths: Lengths, revision: str | None = None
+    dataset: str,
+    tokenizer: PreTrainedTokenizerBase,
+    kind: str,
+    splits: tuple[str, ...],
+    lengths: Lengths,
+    revision: str | None = None,
 ) -> datasets.DatasetDict:
     """What a stage trains on: a processed dataset as is, or raw TL;DR data processed now.
 
@@ -368,7 +450,13 @@ def load_stage_data(
         hub_config = "comparisons" if kind == "comparisons" and dataset == "openai/summarize_from_feedback" else None
         # one SFT file is the train split; one comparisons file is named by its stem, so that its
         # rows go by their own `split` field unless the file is named train/validation
-        raw = load_raw(dataset, hub_config, split="train" if kind == "sft" else None, revision=revision, features=RAW_FEATURES[kind])
+        raw = load_raw(
+            dataset,
+            hub_config,
+            split="train" if kind == "sft" else None,
+            revision=revision,
+            features=RAW_FEATURES[kind],
+        )
         if key in next(iter(raw.values())).column_names:
             ds = raw  # a processed dataset on the Hub (ours or N+'s)
         else:
@@ -381,7 +469,9 @@ def load_stage_data(
         raise InputError(f"{dataset}: split(s) {missing} missing (has {list(ds)})")
     top = max(max(max(ids) for ids in ds[s][:256][key]) for s in splits)
     if top >= len(tokenizer):
-        raise InputError(f"{dataset}: token id {top} is outside the tokenizer's {len(tokenizer)} ids: the data was made with another tokenizer")
+        raise InputError(
+            f"{dataset}: token id {top} is outside the tokenizer's {len(tokenizer)} ids: the data was made with another tokenizer"
+        )
     check_same_tokenizer(ds[splits[0]], tokenizer, dataset)
     return ds
 
@@ -399,7 +489,9 @@ def check_same_tokenizer(rows: datasets.Dataset, tokenizer: PreTrainedTokenizerB
     encode to its query ids. N+'s datasets have our columns but Pythia's ids, which fit inside
     Qwen's vocabulary and would otherwise train on garbage silently."""
     record = Path(dataset).expanduser() / "processing.json"
-    recorded = json.loads(record.read_text()).get("params", {}).get("tokenizer_vocab_sha256") if record.is_file() else None
+    recorded = (
+        json.loads(record.read_text()).get("params", {}).get("tokenizer_vocab_sha256") if record.is_file() else None
+    )
     if recorded and recorded != vocabulary_sha256(tokenizer):
         raise InputError(
             f"{dataset} was processed with another tokenizer (vocabulary sha256 {recorded[:12]}..., this run's {vocabulary_sha256(tokenizer)[:12]}...): "

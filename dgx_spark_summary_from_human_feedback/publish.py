@@ -29,7 +29,11 @@ def length_stats(ds: datasets.DatasetDict, columns: list[str]) -> dict[str, dict
         for col in columns:
             values = np.asarray(d[col])
             if values.size:
-                stats[split][col] = {"max": int(values.max()), "p95": float(np.percentile(values, 95)), "mean": float(values.mean())}
+                stats[split][col] = {
+                    "max": int(values.max()),
+                    "p95": float(np.percentile(values, 95)),
+                    "mean": float(values.mean()),
+                }
     return stats
 
 
@@ -104,7 +108,11 @@ def save_processed(
     out = Path(output_dir)
     ds.save_to_disk(str(out))
     (out / "README.md").write_text(card)
-    (out / "processing.json").write_text(json.dumps({"params": params, "stats": stats, "truncated": report.truncated, "dropped": report.dropped}, indent=2))
+    (out / "processing.json").write_text(
+        json.dumps(
+            {"params": params, "stats": stats, "truncated": report.truncated, "dropped": report.dropped}, indent=2
+        )
+    )
     print(f"saved {out}")
     if push_to_hub:
         from huggingface_hub import DatasetCard, HfApi
@@ -133,7 +141,13 @@ PRODUCTS = {  # kind -> (process function, card title, column docs, length colum
         process_comparisons,
         "TL;DR preference dataset",
         COMPARISON_COLUMN_DOCS,
-        ["query_token_len", "chosen_token_len", "rejected_token_len", "query_chosen_token_len", "query_rejected_token_len"],
+        [
+            "query_token_len",
+            "chosen_token_len",
+            "rejected_token_len",
+            "query_chosen_token_len",
+            "query_rejected_token_len",
+        ],
     ),
 }
 
@@ -148,11 +162,17 @@ def build(cfg, kind: str, lengths: Lengths, config_name: str | None = None) -> N
     raw = load_raw(cfg.dataset, config_name, split=cfg.split, revision=cfg.revision, features=RAW_FEATURES[kind])
     process, title, column_docs, length_columns = PRODUCTS[kind]
     report = Report()
-    ds = process(raw, tokenizer, lengths, long_response=cfg.long_response, skip_bad_rows=cfg.skip_bad_rows, report=report)
+    ds = process(
+        raw, tokenizer, lengths, long_response=cfg.long_response, skip_bad_rows=cfg.skip_bad_rows, report=report
+    )
     params = {
-        **asdict(cfg), "pad_token": tokenizer.pad_token, "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
-        "tokenizer_name": tokenizer.name_or_path, "tokenizer_vocab_sha256": vocabulary_sha256(tokenizer),
-    }  # fmt: skip
+        **asdict(cfg),
+        "pad_token": tokenizer.pad_token,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "tokenizer_name": tokenizer.name_or_path,
+        "tokenizer_vocab_sha256": vocabulary_sha256(tokenizer),
+    }
     save_processed(
         ds,
         cfg.output_dir,

@@ -28,8 +28,28 @@ MODEL_VOCAB_ROWS = 832  # spare rows past the vocabulary (788 + [PAD]), like Qwe
 # fixture text
 
 SUBREDDITS = ["relationships", "AskReddit", "personalfinance", "tifu", "cooking"]
-PEOPLE = ["my girlfriend", "my boyfriend", "my roommate", "my boss", "my sister", "my neighbour", "my best friend", "my dad"]
-THINGS = ["car", "apartment", "dog", "savings", "birthday cake", "laptop", "garden", "wedding", "job offer", "credit card"]
+PEOPLE = [
+    "my girlfriend",
+    "my boyfriend",
+    "my roommate",
+    "my boss",
+    "my sister",
+    "my neighbour",
+    "my best friend",
+    "my dad",
+]
+THINGS = [
+    "car",
+    "apartment",
+    "dog",
+    "savings",
+    "birthday cake",
+    "laptop",
+    "garden",
+    "wedding",
+    "job offer",
+    "credit card",
+]
 FEELINGS = ["angry", "confused", "worried", "embarrassed", "happy", "stressed", "guilty", "relieved"]
 ACTIONS = ["forgot about", "broke", "sold", "lost", "cooked", "borrowed", "fixed", "painted", "cancelled", "found"]
 FILLER = [
@@ -66,11 +86,15 @@ def _summary(person: str, action: str, thing: str, feeling: str) -> str:
 def make_fixture_rows(seed: int = 0) -> tuple[dict[str, list[dict]], list[dict]]:
     """({split: SFT rows}, comparison rows), in the Hub schemas, with the edge cases tests need."""
     rng = random.Random(seed)
+    sft = _fixture_posts(rng)
+    return sft, _fixture_comparisons(rng, sft)
+
+
+def _fixture_posts(rng: random.Random) -> dict[str, list[dict]]:
     sft: dict[str, list[dict]] = {"train": [], "validation": [], "test": []}
-    comparisons: list[dict] = []
     for split, n in (("train", 96), ("validation", 32), ("test", 16)):
         for i in range(n):
-            person, action, thing, feeling = rng.choice(PEOPLE), rng.choice(ACTIONS), rng.choice(THINGS), rng.choice(FEELINGS)
+            person, action, thing, feeling = (rng.choice(words) for words in (PEOPLE, ACTIONS, THINGS, FEELINGS))
             sft[split].append(
                 {
                     "id": f"{split}-{i:03d}",
@@ -90,6 +114,11 @@ def make_fixture_rows(seed: int = 0) -> tuple[dict[str, list[dict]], list[dict]]
         rows[4]["post"] += "\n\nCafé, naïve, 日本語, Привет, مرحبا 🙂🎉👍🏽 — “quotes”."
         rows[4]["title"] += " 🙂"
         rows[5]["summary"] = " ".join(rng.choice(FILLER) for _ in range(12))
+    return sft
+
+
+def _fixture_comparisons(rng: random.Random, sft: dict[str, list[dict]]) -> list[dict]:
+    comparisons: list[dict] = []
     # comparisons: the chosen summary names the post's people and things, the rejected one is
     # filler ("lol idk"), so a tiny reward model can learn the preference in seconds
     for k, row in enumerate(sft["train"] + sft["validation"][:24]):
@@ -102,7 +131,14 @@ def make_fixture_rows(seed: int = 0) -> tuple[dict[str, list[dict]], list[dict]]
             summaries.reverse()
         comparisons.append(
             {
-                "info": {"id": row["id"], "post": row["post"], "title": row["title"], "subreddit": row["subreddit"], "site": None, "article": None},
+                "info": {
+                    "id": row["id"],
+                    "post": row["post"],
+                    "title": row["title"],
+                    "subreddit": row["subreddit"],
+                    "site": None,
+                    "article": None,
+                },
                 "summaries": summaries,
                 "choice": choice,
                 "worker": f"worker{k % 7}",
@@ -115,12 +151,22 @@ def make_fixture_rows(seed: int = 0) -> tuple[dict[str, list[dict]], list[dict]]
         person, thing = rng.choice(PEOPLE), rng.choice(THINGS)
         article = "\n".join(rng.sample(FILLER, 5)) + f"\nOfficials said {person} {rng.choice(ACTIONS)} the {thing}."
         choice = rng.randint(0, 1)
-        summaries = [{"text": f" Officials said {person} and the {thing} made news.", "policy": "ref", "note": None}, {"text": rng.choice(BAD_SUMMARIES), "policy": "sup1", "note": None}]
+        summaries = [
+            {"text": f" Officials said {person} and the {thing} made news.", "policy": "ref", "note": None},
+            {"text": rng.choice(BAD_SUMMARIES), "policy": "sup1", "note": None},
+        ]
         if choice == 1:
             summaries.reverse()
         comparisons.append(
             {
-                "info": {"id": f"cnndm-{k}", "post": None, "title": None, "subreddit": None, "site": "dailymail", "article": article},
+                "info": {
+                    "id": f"cnndm-{k}",
+                    "post": None,
+                    "title": None,
+                    "subreddit": None,
+                    "site": "dailymail",
+                    "article": article,
+                },
                 "summaries": summaries,
                 "choice": choice,
                 "worker": "worker9",
@@ -129,7 +175,7 @@ def make_fixture_rows(seed: int = 0) -> tuple[dict[str, list[dict]], list[dict]]
                 "extra": {"confidence": None},
             }
         )
-    return sft, comparisons
+    return comparisons
 
 
 def _jsonl(rows: list[dict]) -> str:
@@ -155,13 +201,18 @@ def build_tokenizer(output_dir: str | Path) -> None:
 
     sft, comparisons = make_fixture_rows()
     corpus = [r[k] for rows in sft.values() for r in rows for k in ("subreddit", "title", "post", "summary")]
-    corpus += [s["text"] for c in comparisons for s in c["summaries"]] + [c["info"]["article"] or "" for c in comparisons]
+    corpus += [s["text"] for c in comparisons for s in c["summaries"]] + [
+        c["info"]["article"] or "" for c in comparisons
+    ]
     corpus += ["SUBREDDIT: r/\n\nTITLE: \n\nPOST: \n\nTL;DR:", "Article:\n\n\nTL;DR:"]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=VOCAB_SIZE,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     bpe.train_from_iterator(corpus, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, pad_token=EOS)  # the Qwen2.5 trap

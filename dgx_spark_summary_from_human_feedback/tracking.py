@@ -22,7 +22,16 @@ class Logger:
     Non-main ranks of a torchrun job log nothing.
     """
 
-    def __init__(self, out_dir: str | Path, config: dict, *, project: str | None = None, run_name: str | None = None, resume_step: int | None = None, enabled: bool = True):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        config: dict,
+        *,
+        project: str | None = None,
+        run_name: str | None = None,
+        resume_step: int | None = None,
+        enabled: bool = True,
+    ):
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
         self.wandb = None
@@ -30,7 +39,11 @@ class Logger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) < resume_step]
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) < resume_step
+            ]
             write_text_atomic(self.path, "".join(line + "\n" for line in kept))
         elif resume_step is None:
             self.path.write_text("")
@@ -38,7 +51,9 @@ class Logger:
             import wandb
 
             mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-            self.wandb = wandb.init(project=project, name=run_name, config=config, dir=str(out_dir), mode=mode, resume="allow")
+            self.wandb = wandb.init(
+                project=project, name=run_name, config=config, dir=str(out_dir), mode=mode, resume="allow"
+            )
 
     def log(self, metrics: dict, step: int) -> None:
         if not self.enabled:

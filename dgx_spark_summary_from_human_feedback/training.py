@@ -26,7 +26,9 @@ Strategy = Literal["ddp", "fsdp2"]
 # learning rate
 
 
-def get_lr(step: int, *, lr: float, min_lr: float, warmup_steps: int, decay_steps: int, schedule: str = "cosine") -> float:
+def get_lr(
+    step: int, *, lr: float, min_lr: float, warmup_steps: int, decay_steps: int, schedule: str = "cosine"
+) -> float:
     """nanoGPT's schedule: linear warmup, then cosine (or linear) decay to `min_lr` at
     `decay_steps`, flat after."""
     if step < warmup_steps:
@@ -43,7 +45,14 @@ def get_lr(step: int, *, lr: float, min_lr: float, warmup_steps: int, decay_step
 
 
 def make_optimizer(
-    params: list[torch.nn.Parameter], *, lr: float, betas: tuple[float, float], weight_decay: float, eps: float, kind: OptimizerKind, device: torch.device,
+    params: list[torch.nn.Parameter],
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+    eps: float,
+    kind: OptimizerKind,
+    device: torch.device,
     sharded: bool = False,
 ) -> torch.optim.Optimizer:
     """AdamW with weight decay on >= 2-D weights only (matrices and embeddings, not norms/biases).
@@ -202,7 +211,9 @@ def batch_indices(step: int, n_rows: int, batch_size: int, seed: int) -> list[in
     return order[k * batch_size : (k + 1) * batch_size].tolist()
 
 
-def micro_batches(indices: list[int], lengths: list[int], micro_batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[list[int]]:
+def micro_batches(
+    indices: list[int], lengths: list[int], micro_batch_size: int, rank: int = 0, world_size: int = 1
+) -> Iterator[list[int]]:
     """Split one optimizer batch into micro-batches of similar length (this rank's share).
 
     Sorting by length inside the batch groups long rows with long rows, so dynamic padding
@@ -215,7 +226,14 @@ def micro_batches(indices: list[int], lengths: list[int], micro_batch_size: int,
 
 
 # the columns of a preference row that `pair_batch` reads (reward model and DPO)
-PAIR_COLUMNS = ["query_token", "query_token_len", "chosen_token", "chosen_token_len", "rejected_token", "rejected_token_len"]
+PAIR_COLUMNS = [
+    "query_token",
+    "query_token_len",
+    "chosen_token",
+    "chosen_token_len",
+    "rejected_token",
+    "rejected_token_len",
+]
 
 
 def pair_batch(rows: dict, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -272,7 +290,9 @@ def distribute(model: torch.nn.Module, fn, runtime: Runtime, strategy: Strategy 
         return wrapper
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(wrapper, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+    return DistributedDataParallel(
+        wrapper, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None
+    )
 
 
 def no_sync(wrapper: torch.nn.Module, skip: bool):
@@ -284,7 +304,9 @@ def no_sync(wrapper: torch.nn.Module, skip: bool):
     return contextlib.nullcontext()
 
 
-def full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer, runtime: Runtime) -> tuple[dict | None, dict]:
+def full_state_dicts(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, runtime: Runtime
+) -> tuple[dict | None, dict]:
     """(model state dict or None when plain, optimizer state dict), gathered in full for saving.
 
     Collective under FSDP2: every rank must call it. With DDP or one process the model saves

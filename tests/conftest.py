@@ -17,7 +17,9 @@ from dgx_spark_summary_from_human_feedback.data import load_tokenizer  # noqa: E
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_SAMPLE = REPO.parent / "shared" / "data" / "tldr_real_sample"
-needs_real_sample = pytest.mark.skipif(not (REAL_SAMPLE / "sft.jsonl").exists(), reason=f"real TL;DR sample not found at {REAL_SAMPLE}")
+needs_real_sample = pytest.mark.skipif(
+    not (REAL_SAMPLE / "sft.jsonl").exists(), reason=f"real TL;DR sample not found at {REAL_SAMPLE}"
+)
 
 
 @pytest.fixture(scope="session")

@@ -35,8 +35,20 @@ def prefer(prompt: str) -> str:
 
 
 class FakeJudge:
-    def __init__(self, *, fail_first: list[int] | tuple[int, ...] = (), always_fail: int | None = None, nonsense_if: str | None = None, delay_s: float = 0.0):
-        self.fail_first, self.always_fail, self.nonsense_if, self.delay_s = list(fail_first), always_fail, nonsense_if, delay_s
+    def __init__(
+        self,
+        *,
+        fail_first: list[int] | tuple[int, ...] = (),
+        always_fail: int | None = None,
+        nonsense_if: str | None = None,
+        delay_s: float = 0.0,
+    ):
+        self.fail_first, self.always_fail, self.nonsense_if, self.delay_s = (
+            list(fail_first),
+            always_fail,
+            nonsense_if,
+            delay_s,
+        )
         self.lock = threading.Lock()
         self.count = 0  # POSTs received
         self.in_flight = self.max_in_flight = 0
@@ -54,7 +66,9 @@ class FakeJudge:
                     n = judge.count
                     judge.in_flight += 1
                     judge.max_in_flight = max(judge.max_in_flight, judge.in_flight)
-                    judge.seen.append({"path": self.path, "authorization": self.headers.get("Authorization"), "body": body})
+                    judge.seen.append(
+                        {"path": self.path, "authorization": self.headers.get("Authorization"), "body": body}
+                    )
                 time.sleep(judge.delay_s)
                 with judge.lock:  # leave before answering: the client may send its next request at once
                     judge.in_flight -= 1

@@ -182,7 +182,14 @@ class Handler(BaseHTTPRequestHandler):
             if self.user is None:
                 raise HubError(401, "Invalid username or password.")
             orgs = [{"type": "org", "name": org} for org in self.server.orgs.get(self.user, [])]
-            return self._json({"type": "user", "name": self.user, "orgs": orgs, "auth": {"type": "access_token", "accessToken": {"role": "write"}}})
+            return self._json(
+                {
+                    "type": "user",
+                    "name": self.user,
+                    "orgs": orgs,
+                    "auth": {"type": "access_token", "accessToken": {"role": "write"}},
+                }
+            )
         if p[:2] == ["api", "validate-yaml"] and method == "POST":  # a card's metadata block, before a push
             content = json.loads(self.body)["content"]
             if content.startswith("---") and "\n---" not in content[3:]:
@@ -211,7 +218,9 @@ class Handler(BaseHTTPRequestHandler):
         repo_id = f"{owner}/{name}"
         url = f"{self.server.url}/{'datasets/' if repo_type == 'dataset' else ''}{repo_id}"
         if (repo_type, repo_id) in self.server.repos:  # the Hub names the repository in its answer
-            raise HubError(409, "You already created this repo" if owner == self.user else "Repository already exists", url=url)
+            raise HubError(
+                409, "You already created this repo" if owner == self.user else "Repository already exists", url=url
+            )
         if owner != self.user and owner not in self.server.orgs.get(self.user, []):
             raise HubError(403, f"You don't have the rights to create a {repo_type} under the namespace {owner}")
         self.server.add_repo(repo_type, repo_id)
@@ -222,13 +231,30 @@ class Handler(BaseHTTPRequestHandler):
             repo = self._repo(repo_type, repo_id)
             sha = self._revision(repo, rest[1] if rest else "main")
             siblings = [{"rfilename": path} for path in sorted(repo.commits[sha])]
-            return self._json({"id": repo_id, "sha": sha, "private": False, "disabled": False, "gated": False, "siblings": siblings, "tags": []})
+            return self._json(
+                {
+                    "id": repo_id,
+                    "sha": sha,
+                    "private": False,
+                    "disabled": False,
+                    "gated": False,
+                    "siblings": siblings,
+                    "tags": [],
+                }
+            )
         action, revision, path = rest[0], rest[1] if len(rest) > 1 else "main", "/".join(rest[2:])
         if action == "preupload":
             repo = self._repo(repo_type, repo_id, write=True)
             self._revision(repo, revision)
             files = json.loads(self.body)["files"]
-            modes = [{"path": f["path"], "uploadMode": "lfs" if is_lfs(f["path"]) or f["size"] > 10_000_000 else "regular", "shouldIgnore": False} for f in files]
+            modes = [
+                {
+                    "path": f["path"],
+                    "uploadMode": "lfs" if is_lfs(f["path"]) or f["size"] > 10_000_000 else "regular",
+                    "shouldIgnore": False,
+                }
+                for f in files
+            ]
             return self._json({"files": modes})
         if action == "commit":
             if self.server.die_on == "commit":
@@ -257,7 +283,9 @@ class Handler(BaseHTTPRequestHandler):
                 folders.add(prefix + "/".join(parts[:depth]))
             if recursive or len(parts) == 1:
                 entries.append(self.server.entry(p, tree[p]))
-        return [{"type": "directory", "path": f, "oid": git_oid(f.encode()), "size": 0} for f in sorted(folders)] + entries
+        return [
+            {"type": "directory", "path": f, "oid": git_oid(f.encode()), "size": 0} for f in sorted(folders)
+        ] + entries
 
     def _commit(self, repo: Repo, repo_type: str, repo_id: str, revision: str):
         files, deleted = {}, []
@@ -278,7 +306,9 @@ class Handler(BaseHTTPRequestHandler):
             raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
         sha = repo.commit(revision, files, tuple(deleted))
         prefix = "datasets/" if repo_type == "dataset" else ""
-        return self._json({"commitUrl": f"{self.server.url}/{prefix}{repo_id}/commit/{sha}", "commitOid": sha, "pullRequestUrl": None})
+        return self._json(
+            {"commitUrl": f"{self.server.url}/{prefix}{repo_id}/commit/{sha}", "commitOid": sha, "pullRequestUrl": None}
+        )
 
     def _lfs_batch(self, repo_type: str, repo_id: str):
         self._repo(repo_type, repo_id, write=True)
@@ -286,7 +316,9 @@ class Handler(BaseHTTPRequestHandler):
         for obj in json.loads(self.body)["objects"]:
             answer = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
             if obj["oid"] not in self.server.lfs:
-                answer["actions"] = {"upload": {"href": f"{self.server.url}/lfs-upload/{obj['oid']}/{obj['size']}", "header": {}}}
+                answer["actions"] = {
+                    "upload": {"href": f"{self.server.url}/lfs-upload/{obj['oid']}/{obj['size']}", "header": {}}
+                }
             objects.append(answer)
         return self._json({"transfer": "basic", "objects": objects, "hash_algo": "sha256"})
 
@@ -310,4 +342,3 @@ class Handler(BaseHTTPRequestHandler):
         if "lfs" in entry:  # the Hub names the LFS object for files it serves from its CDN
             headers |= {"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(len(content))}
         return 200, headers, content
-

@@ -58,9 +58,19 @@ def main(policy_dir: str, value_dir: str, out: Path) -> dict:
     runtime = setup_runtime("cpu", "fp32")
     tokenizer = load_tokenizer(policy_dir)
     cfg = ppo.Config(
-        sft_path=policy_dir, reward_path=value_dir, batch_size=8, num_minibatches=1, micro_batch_size=2, ppo_epochs=2,
-        response_length=10, forward_batch_size=8, generation_batch_size=8, grad_clip=0.0, device="cpu", precision="fp32",
-    )  # fmt: skip
+        sft_path=policy_dir,
+        reward_path=value_dir,
+        batch_size=8,
+        num_minibatches=1,
+        micro_batch_size=2,
+        ppo_epochs=2,
+        response_length=10,
+        forward_batch_size=8,
+        generation_batch_size=8,
+        grad_clip=0.0,
+        device="cpu",
+        precision="fp32",
+    )
     models = ppo.load_models(cfg, tokenizer, runtime, score_fn=score)
     models.policy_optimizer = torch.optim.SGD(models.policy.parameters(), lr=0.1)
     models.value_optimizer = torch.optim.SGD(models.value_model.parameters(), lr=0.1)
@@ -68,7 +78,18 @@ def main(policy_dir: str, value_dir: str, out: Path) -> dict:
     batch = ppo.ppo_rollout(models, queries, query_mask, cfg, tokenizer, runtime, torch.Generator().manual_seed(0))
     advantages, returns, _, _ = ppo.rewards_and_advantages(batch, cfg)
     share, local = share_of(batch, runtime)
-    ppo.ppo_update(models, local, advantages[share], returns[share], local.query_mask.sum(1), cfg, runtime, torch.Generator().manual_seed(1), 0, out)
+    ppo.ppo_update(
+        models,
+        local,
+        advantages[share],
+        returns[share],
+        local.query_mask.sum(1),
+        cfg,
+        runtime,
+        torch.Generator().manual_seed(1),
+        0,
+        out,
+    )
     weights = {f"policy.{k}": v.detach().clone() for k, v in models.policy.state_dict().items()}
     weights |= {f"value.{k}": v.detach().clone() for k, v in models.value_model.state_dict().items()}
     return weights | {"response_tokens": batch.response_mask.sum(1)}  # the rollout's lengths, to check they differ
@@ -80,24 +101,55 @@ def grpo_main(policy_dir: str, out: Path) -> dict:
     runtime = setup_runtime("cpu", "fp32")
     tokenizer = load_tokenizer(policy_dir)
     cfg = grpo.Config(
-        sft_path=policy_dir, batch_size=8, group_size=2, num_minibatches=1, micro_batch_size=2, update_epochs=2,
-        response_length=10, forward_batch_size=8, generation_batch_size=8, grad_clip=0.0, device="cpu", precision="fp32",
-    )  # fmt: skip
+        sft_path=policy_dir,
+        batch_size=8,
+        group_size=2,
+        num_minibatches=1,
+        micro_batch_size=2,
+        update_epochs=2,
+        response_length=10,
+        forward_batch_size=8,
+        generation_batch_size=8,
+        grad_clip=0.0,
+        device="cpu",
+        precision="fp32",
+    )
     policy, ref_policy = load_policy(policy_dir, tokenizer), load_policy(policy_dir, tokenizer).requires_grad_(False)
     policy_logits = distribute(policy, response_logits, runtime)
     optimizer = torch.optim.SGD(policy.parameters(), lr=0.1)
     queries, query_mask = fixed_queries(tokenizer)
     queries, query_mask = queries[:4].repeat_interleave(2, 0), query_mask[:4].repeat_interleave(2, 0)
     batch = rollout(
-        policy, ref_policy, score, queries, query_mask, tokenizer, response_length=cfg.response_length,
-        temperature=cfg.temperature, no_eos_score=cfg.no_eos_score, generation_batch_size=8, forward_batch_size=8,
+        policy,
+        ref_policy,
+        score,
+        queries,
+        query_mask,
+        tokenizer,
+        response_length=cfg.response_length,
+        temperature=cfg.temperature,
+        no_eos_score=cfg.no_eos_score,
+        generation_batch_size=8,
+        forward_batch_size=8,
         generator=torch.Generator().manual_seed(0),
-    )  # fmt: skip
+    )
     returns, _, _ = grpo.sequence_returns(batch, cfg)
     advantages = grpo.group_advantages(returns, cfg.group_size, cfg.advantage)
     share, local = share_of(batch, runtime)
     params = list(policy.parameters())
-    grpo.grpo_update(policy_logits, optimizer, params, local, advantages[share], local.query_mask.sum(1), cfg, runtime, torch.Generator().manual_seed(1), 0, out)
+    grpo.grpo_update(
+        policy_logits,
+        optimizer,
+        params,
+        local,
+        advantages[share],
+        local.query_mask.sum(1),
+        cfg,
+        runtime,
+        torch.Generator().manual_seed(1),
+        0,
+        out,
+    )
     weights = {f"policy.{k}": v.detach().clone() for k, v in policy.state_dict().items()}
     return weights | {"response_tokens": batch.response_mask.sum(1)}
 

@@ -18,7 +18,13 @@ from safetensors.torch import load_file
 from dgx_spark_summary_from_human_feedback.checkpoint import step_dirs
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "200"}
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "WANDB_MODE": "disabled",
+    "TOKENIZERS_PARALLELISM": "false",
+    "COLUMNS": "200",
+}
 
 
 def load_script(name: str):
@@ -43,18 +49,32 @@ def _env(threads: int) -> dict:
     return {**ENV, "OMP_NUM_THREADS": str(threads)}
 
 
-def run_stage(script: str, *args, threads: int = 1, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_stage(
+    script: str, *args, threads: int = 1, check: bool = True, timeout: int = 600
+) -> subprocess.CompletedProcess:
     """`python SCRIPT ARGS` in the repo root; with `check`, a non-zero exit fails with stderr's tail."""
-    result = subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO, env=_env(threads), capture_output=True, text=True, timeout=timeout, check=False)
+    result = subprocess.run(
+        [sys.executable, script, *map(str, args)],
+        cwd=REPO,
+        env=_env(threads),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     if check:
-        assert result.returncode == 0, f"{script} {' '.join(map(str, args))} exited {result.returncode}:\n{result.stderr[-3000:]}"
+        assert result.returncode == 0, (
+            f"{script} {' '.join(map(str, args))} exited {result.returncode}:\n{result.stderr[-3000:]}"
+        )
     return result
 
 
 def start_stage(script: str, *args, log: Path, threads: int = 1) -> subprocess.Popen:
     """The same, in the background; output goes to `log` (a pipe nobody reads could block it)."""
     with open(log, "w") as f:
-        return subprocess.Popen([sys.executable, script, *map(str, args)], cwd=REPO, env=_env(threads), stdout=f, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, script, *map(str, args)], cwd=REPO, env=_env(threads), stdout=f, stderr=subprocess.STDOUT
+        )
 
 
 def newest_step(out_dir: Path) -> int:
@@ -65,10 +85,14 @@ def newest_step(out_dir: Path) -> int:
 def newest_logged_step(out_dir: Path) -> int:
     path = out_dir / "metrics.jsonl"
     lines = path.read_text().splitlines() if path.exists() else []
-    return max((json.loads(line)["step"] for line in lines if line.endswith("}")), default=-1)  # skip a line being written
+    return max(
+        (json.loads(line)["step"] for line in lines if line.endswith("}")), default=-1
+    )  # skip a line being written
 
 
-def kill_after_checkpoint(proc: subprocess.Popen, out_dir: Path, step: int, log: Path, progress=newest_logged_step, timeout: float = 540) -> int:
+def kill_after_checkpoint(
+    proc: subprocess.Popen, out_dir: Path, step: int, log: Path, progress=newest_logged_step, timeout: float = 540
+) -> int:
     """SIGKILL `proc` once checkpoint `step` (or a later one) is complete and the run has got past
     it (`progress(out_dir)`, by default the newest step in metrics.jsonl, is beyond the checkpoint:
     the resumed run must drop what was written since); returns the newest checkpoint's step."""
@@ -83,7 +107,9 @@ def kill_after_checkpoint(proc: subprocess.Popen, out_dir: Path, step: int, log:
     return newest_step(out_dir)
 
 
-def run_killed_and_uninterrupted(script: str, args: list, a: Path, b: Path, kill_at: int, progress=newest_logged_step) -> int:
+def run_killed_and_uninterrupted(
+    script: str, args: list, a: Path, b: Path, kill_at: int, progress=newest_logged_step
+) -> int:
     """Run `args` into `a` uninterrupted and, beside it, into `b` killed after checkpoint
     `kill_at` (see `kill_after_checkpoint`) and rerun with --resume. Returns the checkpoint
     step `b` resumed from."""

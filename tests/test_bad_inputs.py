@@ -33,7 +33,14 @@ from .conftest import REPO
 PKG = "dgx_spark_summary_from_human_feedback"
 TOKENIZER = str(tiny.TOKENIZER_DIR)
 # one intra-op thread: the machine's few cores are shared, and these models are tiny
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "WANDB_MODE": "disabled",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "1",
+    "COLUMNS": "200",
+}
 SFT_SHORT = ["--preset", "smoke", "--max-steps", "4", "--eval-interval", "2", "--num-eval-samples", "2"]
 SFT_ROWS = [json.loads(line) for line in (tiny.SFT_DIR / "train.jsonl").read_text().splitlines()[:20]]
 COMPARISON_ROWS = [json.loads(line) for line in tiny.COMPARISONS_FILE.read_text().splitlines()[:10]]
@@ -41,7 +48,9 @@ COMPARISON_ROWS = [json.loads(line) for line in tiny.COMPARISONS_FILE.read_text(
 
 def run(*args, timeout: int = 300) -> subprocess.CompletedProcess:
     """`python ARGS` in the repo root (ARGS: `-m MODULE ...` or `SCRIPT.py ...`)."""
-    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *map(str, args)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def module(name: str) -> list[str]:
@@ -134,11 +143,29 @@ def case(name: str):
 
 
 def process_sft_args(t: Inputs, dataset, *extra) -> list:
-    return [*module("process_sft_dataset"), "--dataset", dataset, "--tokenizer", TOKENIZER, "--output-dir", t.tmp / "out", *extra]
+    return [
+        *module("process_sft_dataset"),
+        "--dataset",
+        dataset,
+        "--tokenizer",
+        TOKENIZER,
+        "--output-dir",
+        t.tmp / "out",
+        *extra,
+    ]
 
 
 def process_comparisons_args(t: Inputs, dataset, *extra) -> list:
-    return [*module("process_comparison_dataset"), "--dataset", dataset, "--tokenizer", TOKENIZER, "--output-dir", t.tmp / "out", *extra]
+    return [
+        *module("process_comparison_dataset"),
+        "--dataset",
+        dataset,
+        "--tokenizer",
+        TOKENIZER,
+        "--output-dir",
+        t.tmp / "out",
+        *extra,
+    ]
 
 
 def with_row(rows: list[dict], i: int, **change) -> list[dict]:
@@ -154,22 +181,34 @@ def _(t):
 @case("sft-data/missing-column")
 def _(t):
     rows = [{k: v for k, v in r.items() if k != "summary"} for r in SFT_ROWS]
-    return process_sft_args(t, write_jsonl(t.tmp / "no_summary.jsonl", rows)), ["row train-000", "field 'summary' is missing"]
+    return process_sft_args(t, write_jsonl(t.tmp / "no_summary.jsonl", rows)), [
+        "row train-000",
+        "field 'summary' is missing",
+    ]
 
 
 @case("sft-data/null-field")
 def _(t):
-    return process_sft_args(t, write_jsonl(t.tmp / "null.jsonl", with_row(SFT_ROWS, 3, post=None))), ["row train-003", "field 'post' is null"]
+    return process_sft_args(t, write_jsonl(t.tmp / "null.jsonl", with_row(SFT_ROWS, 3, post=None))), [
+        "row train-003",
+        "field 'post' is null",
+    ]
 
 
 @case("sft-data/empty-field")
 def _(t):
-    return process_sft_args(t, write_jsonl(t.tmp / "empty_post.jsonl", with_row(SFT_ROWS, 3, post="  \n "))), ["row train-003", "field 'post' is empty"]
+    return process_sft_args(t, write_jsonl(t.tmp / "empty_post.jsonl", with_row(SFT_ROWS, 3, post="  \n "))), [
+        "row train-003",
+        "field 'post' is empty",
+    ]
 
 
 @case("sft-data/non-string-field")
 def _(t):
-    return process_sft_args(t, write_jsonl(t.tmp / "int_title.jsonl", with_row(SFT_ROWS, 3, title=5))), ["row train-003", "field 'title' is int, expected a string"]
+    return process_sft_args(t, write_jsonl(t.tmp / "int_title.jsonl", with_row(SFT_ROWS, 3, title=5))), [
+        "row train-003",
+        "field 'title' is int, expected a string",
+    ]
 
 
 @case("sft-data/empty-file")
@@ -189,7 +228,11 @@ def _(t):
 def _(t):
     write_jsonl(t.tmp / "data" / "train.jsonl", SFT_ROWS)
     write_jsonl(t.tmp / "data" / "validation.jsonl", [{**r, "summary": "word " * 100} for r in SFT_ROWS[:5]])
-    return process_sft_args(t, t.tmp / "data"), ["split 'validation': all 5 rows were dropped", "response over 63 tokens", "--long-response truncate"]
+    return process_sft_args(t, t.tmp / "data"), [
+        "split 'validation': all 5 rows were dropped",
+        "response over 63 tokens",
+        "--long-response truncate",
+    ]
 
 
 @case("sft-data/malformed-jsonl-line")
@@ -203,7 +246,11 @@ def _(t):
 @case("sft-data/unsupported-extension")
 def _(t):
     (t.tmp / "posts.csv").write_text("id,post\n1,hello\n")
-    return process_sft_args(t, t.tmp / "posts.csv"), ["posts.csv", "unsupported file type '.csv'", "use .jsonl, .json or .parquet"]
+    return process_sft_args(t, t.tmp / "posts.csv"), [
+        "posts.csv",
+        "unsupported file type '.csv'",
+        "use .jsonl, .json or .parquet",
+    ]
 
 
 @case("sft-data/nonexistent-dataset")
@@ -254,7 +301,9 @@ def _(t):
 
 @case("comparison-data/null-post")
 def _(t):
-    path = write_jsonl(t.tmp / "null_post.jsonl", with_row(COMPARISON_ROWS, 1, info={**COMPARISON_ROWS[1]["info"], "post": None}))
+    path = write_jsonl(
+        t.tmp / "null_post.jsonl", with_row(COMPARISON_ROWS, 1, info={**COMPARISON_ROWS[1]["info"], "post": None})
+    )
     return process_comparisons_args(t, path), ["row train-001", "field 'info.post' is null"]
 
 
@@ -268,14 +317,18 @@ def _(t):
 
 @case("sft/unknown-preset")
 def _(t):
-    return ["sft.py", "--preset", "tiny", "--output-dir", t.tmp / "out"], ["--preset must be one of ['quick', 'smoke', 'spark']"]
+    return ["sft.py", "--preset", "tiny", "--output-dir", t.tmp / "out"], [
+        "--preset must be one of ['quick', 'smoke', 'spark']"
+    ]
 
 
 @case("sft/preset-spark-with-a-missing-dataset")
 def _(t):
     """`--preset spark`, which --help lists, is taken (the defaults): the error is the dataset's."""
     missing = t.tmp / "nope.jsonl"
-    return ["sft.py", "--preset", "spark", "--model", t.sft_out, "--dataset", missing, "--output-dir", t.tmp / "out"], [f"dataset path {missing} does not exist"]
+    return ["sft.py", "--preset", "spark", "--model", t.sft_out, "--dataset", missing, "--output-dir", t.tmp / "out"], [
+        f"dataset path {missing} does not exist"
+    ]
 
 
 @case("sft/unknown-hub-dataset")
@@ -290,24 +343,35 @@ def _(t):
 def _(t):
     out = t.copy_of(t.sft_out, "run")
     (out / "checkpoints" / "step_000004" / "run_config.json").unlink()
-    return ["sft.py", *SFT_SHORT, "--output-dir", out, "--resume"], [f"{out / 'checkpoints' / 'step_000004'} has no run_config.json", "delete that directory"]
+    return ["sft.py", *SFT_SHORT, "--output-dir", out, "--resume"], [
+        f"{out / 'checkpoints' / 'step_000004'} has no run_config.json",
+        "delete that directory",
+    ]
 
 
 @case("sft/nonexistent-dataset")
 def _(t):
-    return ["sft.py", *SFT_SHORT, "--dataset", t.tmp / "missing", "--output-dir", t.tmp / "out"], [f"dataset path {t.tmp / 'missing'} does not exist"]
+    return ["sft.py", *SFT_SHORT, "--dataset", t.tmp / "missing", "--output-dir", t.tmp / "out"], [
+        f"dataset path {t.tmp / 'missing'} does not exist"
+    ]
 
 
 @case("sft/nonexistent-model")
 def _(t):
-    return ["sft.py", *SFT_SHORT, "--model", t.tmp / "no_model", "--output-dir", t.tmp / "out"], [f"{t.tmp / 'no_model'} does not exist"]
+    return ["sft.py", *SFT_SHORT, "--model", t.tmp / "no_model", "--output-dir", t.tmp / "out"], [
+        f"{t.tmp / 'no_model'} does not exist"
+    ]
 
 
 @case("sft/processed-dataset-with-an-empty-split")
 def _(t):
     ds = datasets.load_from_disk(str(t.sft_processed))
-    datasets.DatasetDict({"train": ds["train"], "validation": ds["validation"].filter(lambda row: False)}).save_to_disk(str(t.tmp / "processed"))
-    return ["sft.py", *SFT_SHORT, "--dataset", t.tmp / "processed", "--output-dir", t.tmp / "out"], [f"{t.tmp / 'processed'}: split 'validation' is empty"]
+    datasets.DatasetDict({"train": ds["train"], "validation": ds["validation"].filter(lambda row: False)}).save_to_disk(
+        str(t.tmp / "processed")
+    )
+    return ["sft.py", *SFT_SHORT, "--dataset", t.tmp / "processed", "--output-dir", t.tmp / "out"], [
+        f"{t.tmp / 'processed'}: split 'validation' is empty"
+    ]
 
 
 @case("sft/processed-dataset-cut-short")
@@ -333,25 +397,35 @@ def _(t):
     vocab = {tiny.EOS: 0, **{f"w{i}": i + 1 for i in range(499)}, "[UNK]": 500}
     words = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     words.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=words, eos_token=tiny.EOS, unk_token="[UNK]").save_pretrained(str(t.tmp / "foreign"))
+    PreTrainedTokenizerFast(tokenizer_object=words, eos_token=tiny.EOS, unk_token="[UNK]").save_pretrained(
+        str(t.tmp / "foreign")
+    )
     raw = load_raw(str(tiny.SFT_DIR))
-    process_sft(datasets.DatasetDict({s: raw[s] for s in ("train", "validation")}), load_tokenizer(str(t.tmp / "foreign"))).save_to_disk(str(t.tmp / "processed"))
+    process_sft(
+        datasets.DatasetDict({s: raw[s] for s in ("train", "validation")}), load_tokenizer(str(t.tmp / "foreign"))
+    ).save_to_disk(str(t.tmp / "processed"))
     return ["sft.py", *SFT_SHORT, "--dataset", t.tmp / "processed", "--output-dir", t.tmp / "out"], [
-        f"{t.tmp / 'processed'}: row", "its query_token ids are not this tokenizer's encoding of its query text", "pass the raw data",
-    ]  # fmt: skip
+        f"{t.tmp / 'processed'}: row",
+        "its query_token ids are not this tokenizer's encoding of its query text",
+        "pass the raw data",
+    ]
 
 
 @case("sft/processed-dataset-recorded-with-another-tokenizer")
 def _(t):
     """processing.json records the tokenizer's vocabulary hash; another one stops the run."""
     out = t.tmp / "processed"
-    result = run(*module("process_sft_dataset"), "--dataset", tiny.SFT_DIR, "--tokenizer", TOKENIZER, "--output-dir", out)
+    result = run(
+        *module("process_sft_dataset"), "--dataset", tiny.SFT_DIR, "--tokenizer", TOKENIZER, "--output-dir", out
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     record = json.loads((out / "processing.json").read_text())
     assert len(record["params"]["tokenizer_vocab_sha256"]) == 64
     record["params"]["tokenizer_vocab_sha256"] = "0" * 64  # as if made with another vocabulary
     (out / "processing.json").write_text(json.dumps(record))
-    return ["sft.py", *SFT_SHORT, "--dataset", out, "--output-dir", t.tmp / "out"], [f"{out} was processed with another tokenizer (vocabulary sha256 000000000000..."]
+    return ["sft.py", *SFT_SHORT, "--dataset", out, "--output-dir", t.tmp / "out"], [
+        f"{out} was processed with another tokenizer (vocabulary sha256 000000000000..."
+    ]
 
 
 @case("sft/processed-dataset-of-another-tokenizer")
@@ -360,7 +434,9 @@ def _(t):
 
     # ids of the 3,002-token tokenizer, past the tiny tokenizer's 789
     raw = load_raw(str(tiny.SFT_DIR))
-    process_sft(datasets.DatasetDict({s: raw[s] for s in ("train", "validation")}), load_tokenizer(str(t.big_tokenizer))).save_to_disk(str(t.tmp / "processed"))
+    process_sft(
+        datasets.DatasetDict({s: raw[s] for s in ("train", "validation")}), load_tokenizer(str(t.big_tokenizer))
+    ).save_to_disk(str(t.tmp / "processed"))
     return ["sft.py", *SFT_SHORT, "--dataset", t.tmp / "processed", "--output-dir", t.tmp / "out"], [
         f"{t.tmp / 'processed'}: token id",
         "the data was made with another tokenizer",
@@ -384,7 +460,10 @@ def _(t):
 @case("sft/output-dir-under-a-file")
 def _(t):
     (t.tmp / "file").write_text("x")
-    return ["sft.py", *SFT_SHORT, "--output-dir", t.tmp / "file" / "sub"], [f"cannot create output directory {t.tmp / 'file' / 'sub'}", "pass a writable --output-dir"]
+    return ["sft.py", *SFT_SHORT, "--output-dir", t.tmp / "file" / "sub"], [
+        f"cannot create output directory {t.tmp / 'file' / 'sub'}",
+        "pass a writable --output-dir",
+    ]
 
 
 @case("sft/resume-truncated-training-state")
@@ -392,14 +471,20 @@ def _(t):
     out = t.copy_of(t.sft_out, "run")
     state = out / "checkpoints" / "step_000004" / "training_state.pt"
     os.truncate(state, 100)
-    return ["sft.py", *SFT_SHORT, "--output-dir", out, "--resume"], [f"{state} cannot be read", "delete that checkpoint directory to resume from an earlier one"]
+    return ["sft.py", *SFT_SHORT, "--output-dir", out, "--resume"], [
+        f"{state} cannot be read",
+        "delete that checkpoint directory to resume from an earlier one",
+    ]
 
 
 @case("sft/resume-step-without-model-weights")
 def _(t):
     out = t.copy_of(t.sft_out, "run")
     (out / "checkpoints" / "step_000004" / "model.safetensors").unlink()
-    return ["sft.py", *SFT_SHORT, "--output-dir", out, "--resume"], [f"{out / 'checkpoints' / 'step_000004'} has no model weights", "delete that checkpoint directory"]
+    return ["sft.py", *SFT_SHORT, "--output-dir", out, "--resume"], [
+        f"{out / 'checkpoints' / 'step_000004'} has no model weights",
+        "delete that checkpoint directory",
+    ]
 
 
 @case("sft/resume-truncated-model-weights")
@@ -407,45 +492,90 @@ def _(t):
     out = t.copy_of(t.sft_out, "run")
     weights = out / "checkpoints" / "step_000004" / "model.safetensors"
     os.truncate(weights, weights.stat().st_size // 2)
-    return ["sft.py", *SFT_SHORT, "--output-dir", out, "--resume"], [f"{weights} is truncated or corrupted", "delete that checkpoint directory"]
+    return ["sft.py", *SFT_SHORT, "--output-dir", out, "--resume"], [
+        f"{weights} is truncated or corrupted",
+        "delete that checkpoint directory",
+    ]
 
 
 @case("reward/reward-model-as-sft-path")
 def _(t):
-    return ["reward.py", "--preset", "smoke", "--max-steps", "1", "--sft-path", t.reward_checkpoint, "--output-dir", t.tmp / "out"], [
-        f"{t.reward_checkpoint} is a reward model",
-        "pass sft.py's or ppo.py's output directory",
-    ]
+    return [
+        "reward.py",
+        "--preset",
+        "smoke",
+        "--max-steps",
+        "1",
+        "--sft-path",
+        t.reward_checkpoint,
+        "--output-dir",
+        t.tmp / "out",
+    ], [f"{t.reward_checkpoint} is a reward model", "pass sft.py's or ppo.py's output directory"]
 
 
 @case("reward/sft-path-of-a-killed-run")
 def _(t):
     killed = t.tmp / "killed_sft"  # what a kill before the final export leaves: checkpoints, no model at the root
     shutil.copytree(t.sft_out / "checkpoints", killed / "checkpoints")
-    return ["reward.py", "--preset", "smoke", "--max-steps", "1", "--sft-path", killed, "--output-dir", t.tmp / "out"], [
-        f"{killed} is not a Hugging Face checkpoint (no config.json)",
-        "pass the stage's output directory",
-    ]
+    return [
+        "reward.py",
+        "--preset",
+        "smoke",
+        "--max-steps",
+        "1",
+        "--sft-path",
+        killed,
+        "--output-dir",
+        t.tmp / "out",
+    ], [f"{killed} is not a Hugging Face checkpoint (no config.json)", "pass the stage's output directory"]
 
 
 @case("reward/resume-with-a-changed-config")
 def _(t):
-    args = ["reward.py", "--preset", "smoke", "--max-steps", "1", "--eval-interval", "1", "--sft-path", t.sft_out, "--output-dir", t.tmp / "out"]
+    args = [
+        "reward.py",
+        "--preset",
+        "smoke",
+        "--max-steps",
+        "1",
+        "--eval-interval",
+        "1",
+        "--sft-path",
+        t.sft_out,
+        "--output-dir",
+        t.tmp / "out",
+    ]
     first = run(*args)
     assert first.returncode == 0, first.stderr[-3000:]
-    return [*args, "--resume", "--lr", "1e-4"], ["resume with a changed config (lr: 0.002 -> 0.0001)", "pass --allow-config-change"]
+    return [*args, "--resume", "--lr", "1e-4"], [
+        "resume with a changed config (lr: 0.002 -> 0.0001)",
+        "pass --allow-config-change",
+    ]
 
 
 @case("reward/eval-only-without-reward-path")
 def _(t):
-    return ["reward.py", "--preset", "smoke", "--eval-only", "--output-dir", t.tmp / "out"], ["--eval-only needs --reward-path DIR"]
+    return ["reward.py", "--preset", "smoke", "--eval-only", "--output-dir", t.tmp / "out"], [
+        "--eval-only needs --reward-path DIR"
+    ]
 
 
 @case("reward/mistyped-base-model")
 def _(t):
     """Checked before the data: the dataset given here does not exist either, and is not what stops it."""
-    return ["reward.py", "--preset", "smoke", "--sft-path", t.sft_out, "--base-model", "Qwen/Qwen2.5-1.5Bx", "--dataset", t.tmp / "nope.jsonl",
-            "--output-dir", t.tmp / "out"], ["Qwen/Qwen2.5-1.5Bx is not a local checkpoint and not a model on the Hugging Face Hub", "check the name"]  # fmt: skip
+    return [
+        "reward.py",
+        "--preset",
+        "smoke",
+        "--sft-path",
+        t.sft_out,
+        "--base-model",
+        "Qwen/Qwen2.5-1.5Bx",
+        "--dataset",
+        t.tmp / "nope.jsonl",
+        "--output-dir",
+        t.tmp / "out",
+    ], ["Qwen/Qwen2.5-1.5Bx is not a local checkpoint and not a model on the Hugging Face Hub", "check the name"]
 
 
 @case("reward/pickle-only-checkpoint")
@@ -457,45 +587,88 @@ def _(t):
     sft = t.copy_of(t.sft_out, "pickled")
     torch.save(load_file(str(sft / "model.safetensors")), sft / "pytorch_model.bin")
     (sft / "model.safetensors").unlink()
-    return ["reward.py", "--preset", "smoke", "--sft-path", sft, "--output-dir", t.tmp / "out"], [f"{sft} holds only pickle weights (pytorch_model*.bin)", "safetensors"]
+    return ["reward.py", "--preset", "smoke", "--sft-path", sft, "--output-dir", t.tmp / "out"], [
+        f"{sft} holds only pickle weights (pytorch_model*.bin)",
+        "safetensors",
+    ]
 
 
 @case("reward/eval-only-over-a-training-run")
 def _(t):
     run = t.copy_of(t.reward_checkpoint, "run")  # a finished run: model.safetensors at its root
-    return ["reward.py", "--preset", "smoke", "--eval-only", "--reward-path", t.reward_checkpoint, "--output-dir", run], [
-        f"--output-dir {run} holds a training run", "pass another --output-dir"
-    ]
+    return [
+        "reward.py",
+        "--preset",
+        "smoke",
+        "--eval-only",
+        "--reward-path",
+        t.reward_checkpoint,
+        "--output-dir",
+        run,
+    ], [f"--output-dir {run} holds a training run", "pass another --output-dir"]
 
 
 @case("reward/policy-as-reward-path")
 def _(t):
-    return ["reward.py", "--preset", "smoke", "--eval-only", "--reward-path", t.sft_out, "--output-dir", t.tmp / "out"], [
-        f"{t.sft_out} holds ['Qwen2ForCausalLM'], not a reward model",
-        "pass reward.py's output directory",
-    ]
+    return [
+        "reward.py",
+        "--preset",
+        "smoke",
+        "--eval-only",
+        "--reward-path",
+        t.sft_out,
+        "--output-dir",
+        t.tmp / "out",
+    ], [f"{t.sft_out} holds ['Qwen2ForCausalLM'], not a reward model", "pass reward.py's output directory"]
 
 
 @case("ppo/reward-model-as-sft-path")
 def _(t):
-    return ["ppo.py", "--preset", "smoke", "--sft-path", t.reward_checkpoint, "--reward-path", t.reward_checkpoint, "--output-dir", t.tmp / "out"], [
-        f"{t.reward_checkpoint} is a reward model",
-        "pass sft.py's or ppo.py's output directory",
-    ]
+    return [
+        "ppo.py",
+        "--preset",
+        "smoke",
+        "--sft-path",
+        t.reward_checkpoint,
+        "--reward-path",
+        t.reward_checkpoint,
+        "--output-dir",
+        t.tmp / "out",
+    ], [f"{t.reward_checkpoint} is a reward model", "pass sft.py's or ppo.py's output directory"]
 
 
 @case("ppo/policy-as-reward-path")
 def _(t):
-    return ["ppo.py", "--preset", "smoke", "--sft-path", t.sft_out, "--reward-path", t.sft_out, "--output-dir", t.tmp / "out"], [
-        f"{t.sft_out} holds ['Qwen2ForCausalLM'], not a reward model",
-        "pass reward.py's output directory",
-    ]
+    return [
+        "ppo.py",
+        "--preset",
+        "smoke",
+        "--sft-path",
+        t.sft_out,
+        "--reward-path",
+        t.sft_out,
+        "--output-dir",
+        t.tmp / "out",
+    ], [f"{t.sft_out} holds ['Qwen2ForCausalLM'], not a reward model", "pass reward.py's output directory"]
 
 
 @case("ppo/batch-not-divisible")
 def _(t):
-    return ["ppo.py", "--preset", "smoke", "--sft-path", t.sft_out, "--reward-path", t.reward_checkpoint, "--batch-size", "10", "--micro-batch-size", "4",
-            "--output-dir", t.tmp / "out"], ["--batch-size 10 is not divisible by --micro-batch-size 4"]  # fmt: skip
+    return [
+        "ppo.py",
+        "--preset",
+        "smoke",
+        "--sft-path",
+        t.sft_out,
+        "--reward-path",
+        t.reward_checkpoint,
+        "--batch-size",
+        "10",
+        "--micro-batch-size",
+        "4",
+        "--output-dir",
+        t.tmp / "out",
+    ], ["--batch-size 10 is not divisible by --micro-batch-size 4"]
 
 
 @case("dpo/reward-model-as-sft-path")
@@ -508,44 +681,106 @@ def _(t):
 
 @case("dpo/batch-not-divisible")
 def _(t):
-    return ["dpo.py", "--preset", "smoke", "--sft-path", t.sft_out, "--batch-size", "10", "--micro-batch-size", "4", "--output-dir", t.tmp / "out"], [
-        "--batch-size 10 is not divisible by --micro-batch-size 4"
-    ]
+    return [
+        "dpo.py",
+        "--preset",
+        "smoke",
+        "--sft-path",
+        t.sft_out,
+        "--batch-size",
+        "10",
+        "--micro-batch-size",
+        "4",
+        "--output-dir",
+        t.tmp / "out",
+    ], ["--batch-size 10 is not divisible by --micro-batch-size 4"]
 
 
 @case("grpo/reward-model-as-sft-path")
 def _(t):
-    return ["grpo.py", "--preset", "smoke", "--sft-path", t.reward_checkpoint, "--reward-path", t.reward_checkpoint, "--output-dir", t.tmp / "out"], [
-        f"{t.reward_checkpoint} is a reward model",
-        "pass sft.py's or ppo.py's output directory",
-    ]
+    return [
+        "grpo.py",
+        "--preset",
+        "smoke",
+        "--sft-path",
+        t.reward_checkpoint,
+        "--reward-path",
+        t.reward_checkpoint,
+        "--output-dir",
+        t.tmp / "out",
+    ], [f"{t.reward_checkpoint} is a reward model", "pass sft.py's or ppo.py's output directory"]
 
 
 @case("grpo/policy-as-reward-path")
 def _(t):
-    return ["grpo.py", "--preset", "smoke", "--sft-path", t.sft_out, "--reward-path", t.sft_out, "--output-dir", t.tmp / "out"], [
-        f"{t.sft_out} holds ['Qwen2ForCausalLM'], not a reward model",
-        "pass reward.py's output directory",
-    ]
+    return [
+        "grpo.py",
+        "--preset",
+        "smoke",
+        "--sft-path",
+        t.sft_out,
+        "--reward-path",
+        t.sft_out,
+        "--output-dir",
+        t.tmp / "out",
+    ], [f"{t.sft_out} holds ['Qwen2ForCausalLM'], not a reward model", "pass reward.py's output directory"]
 
 
 @case("grpo/group-size-1")
 def _(t):
-    return ["grpo.py", "--preset", "smoke", "--sft-path", t.sft_out, "--reward-path", t.reward_checkpoint, "--group-size", "1", "--output-dir", t.tmp / "out"], [
-        "--group-size 1: GRPO and RLOO need at least 2 responses per query"
-    ]
+    return [
+        "grpo.py",
+        "--preset",
+        "smoke",
+        "--sft-path",
+        t.sft_out,
+        "--reward-path",
+        t.reward_checkpoint,
+        "--group-size",
+        "1",
+        "--output-dir",
+        t.tmp / "out",
+    ], ["--group-size 1: GRPO and RLOO need at least 2 responses per query"]
 
 
 @case("grpo/batch-not-divisible-by-group-size")
 def _(t):
-    return ["grpo.py", "--preset", "smoke", "--sft-path", t.sft_out, "--reward-path", t.reward_checkpoint, "--batch-size", "18", "--group-size", "4",
-            "--output-dir", t.tmp / "out"], ["--batch-size 18 is not divisible by --group-size 4", "the batch holds whole groups"]  # fmt: skip
+    return [
+        "grpo.py",
+        "--preset",
+        "smoke",
+        "--sft-path",
+        t.sft_out,
+        "--reward-path",
+        t.reward_checkpoint,
+        "--batch-size",
+        "18",
+        "--group-size",
+        "4",
+        "--output-dir",
+        t.tmp / "out",
+    ], ["--batch-size 18 is not divisible by --group-size 4", "the batch holds whole groups"]
 
 
 @case("grpo/batch-not-divisible")
 def _(t):
-    return ["grpo.py", "--preset", "smoke", "--sft-path", t.sft_out, "--reward-path", t.reward_checkpoint, "--batch-size", "12", "--group-size", "4",
-            "--micro-batch-size", "8", "--output-dir", t.tmp / "out"], ["--batch-size 12 is not divisible by --micro-batch-size 8"]  # fmt: skip
+    return [
+        "grpo.py",
+        "--preset",
+        "smoke",
+        "--sft-path",
+        t.sft_out,
+        "--reward-path",
+        t.reward_checkpoint,
+        "--batch-size",
+        "12",
+        "--group-size",
+        "4",
+        "--micro-batch-size",
+        "8",
+        "--output-dir",
+        t.tmp / "out",
+    ], ["--batch-size 12 is not divisible by --micro-batch-size 8"]
 
 
 def generation_args(checkpoint, *extra) -> list:
@@ -554,39 +789,56 @@ def generation_args(checkpoint, *extra) -> list:
 
 @case("generation/nonexistent-prompt-file")
 def _(t):
-    return generation_args(t.sft_out, "--prompt-file", t.tmp / "posts.jsonl"), [f"prompt file {t.tmp / 'posts.jsonl'} does not exist"]
+    return generation_args(t.sft_out, "--prompt-file", t.tmp / "posts.jsonl"), [
+        f"prompt file {t.tmp / 'posts.jsonl'} does not exist"
+    ]
 
 
 @case("generation/malformed-prompt-line")
 def _(t):
     (t.tmp / "posts.jsonl").write_text('"a post"\n{"post": "unclosed"\n')
-    return generation_args(t.sft_out, "--prompt-file", t.tmp / "posts.jsonl"), [f"{t.tmp / 'posts.jsonl'} line 2: not JSON"]
+    return generation_args(t.sft_out, "--prompt-file", t.tmp / "posts.jsonl"), [
+        f"{t.tmp / 'posts.jsonl'} line 2: not JSON"
+    ]
 
 
 @case("generation/prompt-line-neither-string-nor-object")
 def _(t):
     (t.tmp / "posts.jsonl").write_text("[1, 2]\n")
-    return generation_args(t.sft_out, "--prompt-file", t.tmp / "posts.jsonl"), [f"{t.tmp / 'posts.jsonl'} line 1: list", "expected a post string or an object"]
+    return generation_args(t.sft_out, "--prompt-file", t.tmp / "posts.jsonl"), [
+        f"{t.tmp / 'posts.jsonl'} line 1: list",
+        "expected a post string or an object",
+    ]
 
 
 @case("generation/nonexistent-checkpoint")
 def _(t):
-    return generation_args(t.tmp / "no_ckpt", "--prompt-file", t.tmp / "x.jsonl"), [f"{t.tmp / 'no_ckpt'} does not exist"]
+    return generation_args(t.tmp / "no_ckpt", "--prompt-file", t.tmp / "x.jsonl"), [
+        f"{t.tmp / 'no_ckpt'} does not exist"
+    ]
 
 
 @case("generation/reward-model-as-checkpoint")
 def _(t):
-    return generation_args(t.reward_checkpoint, "--dataset", tiny.SFT_DIR), [f"{t.reward_checkpoint} is a reward model", "pass sft.py's or ppo.py's output directory"]
+    return generation_args(t.reward_checkpoint, "--dataset", tiny.SFT_DIR), [
+        f"{t.reward_checkpoint} is a reward model",
+        "pass sft.py's or ppo.py's output directory",
+    ]
 
 
 @case("generation/tokenizer-larger-than-the-model")
 def _(t):
-    return generation_args(t.sft_out, "--tokenizer", t.big_tokenizer, "--dataset", tiny.SFT_DIR), ["tokenizer has 3003 tokens but the model only 832 embedding rows"]
+    return generation_args(t.sft_out, "--tokenizer", t.big_tokenizer, "--dataset", tiny.SFT_DIR), [
+        "tokenizer has 3003 tokens but the model only 832 embedding rows"
+    ]
 
 
 @case("generation/missing-split")
 def _(t):
-    return generation_args(t.sft_out, "--dataset", tiny.SFT_DIR, "--split", "valid"), [f"{tiny.SFT_DIR}: split 'valid' missing", "pass --split"]
+    return generation_args(t.sft_out, "--dataset", tiny.SFT_DIR, "--split", "valid"), [
+        f"{tiny.SFT_DIR}: split 'valid' missing",
+        "pass --split",
+    ]
 
 
 @case("generation/output-under-a-file")
@@ -599,7 +851,18 @@ def _(t):
 
 
 def evaluate_args(t: Inputs, *extra) -> list:
-    return [*module("evaluate"), "--dataset", tiny.SFT_DIR, "--num-samples", "2", "--max-new-tokens", "4", "--output-dir", t.tmp / "eval", *extra]
+    return [
+        *module("evaluate"),
+        "--dataset",
+        tiny.SFT_DIR,
+        "--num-samples",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--output-dir",
+        t.tmp / "eval",
+        *extra,
+    ]
 
 
 @case("evaluate/head-to-head-with-one-policy")
@@ -622,7 +885,9 @@ def _(t):
 
 @case("evaluate/judge-url-without-model")
 def _(t):
-    return evaluate_args(t, "--policy", t.sft_out, "--judge-url", "http://127.0.0.1:9/v1"), ["pass --judge-url and --judge-model together"]
+    return evaluate_args(t, "--policy", t.sft_out, "--judge-url", "http://127.0.0.1:9/v1"), [
+        "pass --judge-url and --judge-model together"
+    ]
 
 
 @case("evaluate/nonexistent-policy")
@@ -632,7 +897,9 @@ def _(t):
 
 @case("evaluate/policy-as-reward-path")
 def _(t):
-    return evaluate_args(t, "--policy", t.sft_out, "--reward-path", t.sft_out), [f"{t.sft_out} holds ['Qwen2ForCausalLM'], not a reward model"]
+    return evaluate_args(t, "--policy", t.sft_out, "--reward-path", t.sft_out), [
+        f"{t.sft_out} holds ['Qwen2ForCausalLM'], not a reward model"
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -676,7 +943,13 @@ def test_read_only_output_location_is_one_line(tmp_path):
 # inputs the pipeline takes: they succeed and the printed statistics count what was cut or dropped
 
 EDGE_ROWS = [
-    {"id": "long-title", "subreddit": "tifu", "title": "a very long title " * 400, "post": "short post", "summary": "a summary"},
+    {
+        "id": "long-title",
+        "subreddit": "tifu",
+        "title": "a very long title " * 400,
+        "post": "short post",
+        "summary": "a summary",
+    },
     {"id": "no-newline", "subreddit": "tifu", "title": "t", "post": "word " * 3000, "summary": "a summary"},
     {
         "id": "control-and-scripts",
@@ -706,7 +979,12 @@ def test_edge_rows_succeed_cut_to_512_tokens_and_are_counted(tmp_path, tokenizer
     result = run(*process_sft_args(Inputs(tmp_path, None), data))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "train: 4 rows in, 3 out" in result.stdout
-    for name in ("title-over-the-query-budget", "post-without-newline", "control-characters-and-mixed-scripts", "summary-over-the-cap"):
+    for name in (
+        "title-over-the-query-budget",
+        "post-without-newline",
+        "control-characters-and-mixed-scripts",
+        "summary-over-the-cap",
+    ):
         assert COUNTED[f"sft-data/{name}"] in result.stdout, result.stdout
     rows = {r["id"]: r for r in datasets.load_from_disk(str(tmp_path / "out"))["train"]}
     assert sorted(rows) == ["control-and-scripts", "long-title", "no-newline"]
@@ -717,7 +995,10 @@ def test_edge_rows_succeed_cut_to_512_tokens_and_are_counted(tmp_path, tokenizer
         assert r["query_token"][512 - n :] == encode(tokenizer, r["query"])
     assert rows["long-title"]["post"] == "" and EDGE_ROWS[0]["title"].startswith(rows["long-title"]["title"])
     assert rows["no-newline"]["query_token_len"] >= 500  # cut between tokens, most of the budget used
-    assert EDGE_ROWS[2]["post"].startswith(rows["control-and-scripts"]["post"]) and "日本語" in rows["control-and-scripts"]["post"]
+    assert (
+        EDGE_ROWS[2]["post"].startswith(rows["control-and-scripts"]["post"])
+        and "日本語" in rows["control-and-scripts"]["post"]
+    )
 
     result = run(*process_sft_args(Inputs(tmp_path / "t", None), data, "--long-response", "truncate"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -742,13 +1023,19 @@ def test_skip_bad_rows_counts_and_skips(tmp_path):
 
 def test_comparison_summary_over_the_cap_is_dropped_or_cut_and_counted(tmp_path, tokenizer):
     long = {**COMPARISON_ROWS[3]["summaries"][0], "text": " word" * 300}
-    data = write_jsonl(tmp_path / "long.jsonl", with_row(COMPARISON_ROWS, 3, summaries=[long, COMPARISON_ROWS[3]["summaries"][1]]))
+    data = write_jsonl(
+        tmp_path / "long.jsonl", with_row(COMPARISON_ROWS, 3, summaries=[long, COMPARISON_ROWS[3]["summaries"][1]])
+    )
     result = run(*process_comparisons_args(Inputs(tmp_path, None), data))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert COUNTED["comparison-data/summary-over-the-cap"] in result.stdout and "train: 10 rows in, 9 out" in result.stdout
+    assert (
+        COUNTED["comparison-data/summary-over-the-cap"] in result.stdout and "train: 10 rows in, 9 out" in result.stdout
+    )
     result = run(*process_comparisons_args(Inputs(tmp_path / "t", None), data, "--long-response", "truncate"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert COUNTED["comparison-data/summary-over-the-cap-truncated"] in result.stdout and "dropped: none" in result.stdout
+    assert (
+        COUNTED["comparison-data/summary-over-the-cap-truncated"] in result.stdout and "dropped: none" in result.stdout
+    )
     row = next(r for r in datasets.load_from_disk(str(tmp_path / "t" / "out"))["train"] if r["id"] == "train-003")
     key = "chosen" if COMPARISON_ROWS[3]["choice"] == 0 else "rejected"
     assert row[f"{key}_token_len"] == 133 and row[f"{key}_token"][132] == tokenizer.eos_token_id
@@ -758,29 +1045,53 @@ def test_comparison_summary_over_the_cap_is_dropped_or_cut_and_counted(tmp_path,
 # property: process_sft on random rows
 
 
-text = st.text(alphabet=st.sampled_from(list("ab \n\t.\x00\x07\r🙂é日ا")) | st.characters(exclude_categories=("Cs",)), max_size=400)
-random_row = st.fixed_dictionaries({"subreddit": st.text(st.characters(exclude_categories=("Cs",)), max_size=20), "title": text, "post": text, "summary": text})
+text = st.text(
+    alphabet=st.sampled_from(list("ab \n\t.\x00\x07\r🙂é日ا")) | st.characters(exclude_categories=("Cs",)), max_size=400
+)
+random_row = st.fixed_dictionaries(
+    {
+        "subreddit": st.text(st.characters(exclude_categories=("Cs",)), max_size=20),
+        "title": text,
+        "post": text,
+        "summary": text,
+    }
+)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(rows=st.lists(random_row, min_size=1, max_size=6), long_response=st.sampled_from(["drop", "truncate"]), response=st.integers(4, 63))
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
+@given(
+    rows=st.lists(random_row, min_size=1, max_size=6),
+    long_response=st.sampled_from(["drop", "truncate"]),
+    response=st.integers(4, 63),
+)
 def test_process_sft_on_random_rows_keeps_every_invariant(tokenizer, rows, long_response, response):
     rows = [{"id": f"r{i}", **r} for i, r in enumerate(rows)]
     rows.append({"id": "anchor", "subreddit": "tifu", "title": "t", "post": "p", "summary": "s"})  # no split ends empty
     report = Report()
-    out = process_sft(datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}), tokenizer, Lengths(response=response),
-                      long_response=long_response, skip_bad_rows=True, report=report)["train"]  # fmt: skip
+    out = process_sft(
+        datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}),
+        tokenizer,
+        Lengths(response=response),
+        long_response=long_response,
+        skip_bad_rows=True,
+        report=report,
+    )["train"]
     assert report.rows_in["train"] == len(rows) == len(out) + sum(report.dropped.values())  # every row out, or counted
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     for r in out:
         q, n = r["query_token_len"], r["reference_response_token_len"]
         assert len(r["query_token"]) == 512 and 0 < q <= 512
-        assert r["query_token"][: 512 - q] == [pad] * (512 - q) and pad not in r["query_token"][512 - q :]  # left padded
+        assert (
+            r["query_token"][: 512 - q] == [pad] * (512 - q) and pad not in r["query_token"][512 - q :]
+        )  # left padded
         response_ids = r["reference_response_token"][:n]
         assert 0 < n <= response and response_ids[-1] == eos  # EOS last, also when cut
         ids, labels = r["query_reference_response_token"], r["query_reference_response_token_response_label"]
         assert len(ids) == len(labels) == 512 + response
         assert ids[: q + n] == r["query_token"][512 - q :] + response_ids
-        assert [i for i, label in enumerate(labels) if label != -100] == list(range(q, q + n))  # -100 exactly off the response
+        assert [i for i, label in enumerate(labels) if label != -100] == list(
+            range(q, q + n)
+        )  # -100 exactly off the response
         assert labels[q : q + n] == response_ids and labels[q + n - 1] == eos
-

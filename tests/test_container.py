@@ -135,7 +135,10 @@ def test_secret_name_pattern(name, secret):
 
 def test_no_secret_like_arg_or_env(instructions):
     declared = [
-        name for instruction, args in instructions if instruction in {"ARG", "ENV"} for name in declared_names(instruction, args)
+        name
+        for instruction, args in instructions
+        if instruction in {"ARG", "ENV"}
+        for name in declared_names(instruction, args)
     ]
     assert "TRITON_PTXAS_PATH" in declared  # the parser did see the ENV lines
     offenders = [name for name in declared if SECRET_NAME.search(name)]
@@ -200,7 +203,9 @@ def test_project_installed_from_pyproject_without_replacing_torch(instructions):
     writers = [
         args for instruction, args in instructions[:install_index] if instruction == "RUN" and constraint in args
     ]
-    assert writers and any("torch==" in args and "torch" in args for args in writers), "constraint file must pin torch=="
+    assert writers and any("torch==" in args and "torch" in args for args in writers), (
+        "constraint file must pin torch=="
+    )
 
 
 def test_dependency_layer_is_cached_before_full_copy(instructions):
@@ -231,7 +236,13 @@ def dockerignored(path: str, patterns: list[str]) -> bool:
     for pattern in patterns:
         negate = pattern.startswith("!")
         body = pattern.lstrip("!").strip("/")
-        regex = re.escape(body).replace(r"\*\*/", "\0").replace(r"\*\*", "\1").replace(r"\*", "[^/]*").replace(r"\?", "[^/]")
+        regex = (
+            re.escape(body)
+            .replace(r"\*\*/", "\0")
+            .replace(r"\*\*", "\1")
+            .replace(r"\*", "[^/]*")
+            .replace(r"\?", "[^/]")
+        )
         regex = regex.replace("\0", "(.*/)?").replace("\1", ".*")  # `**/` also matches no folder at all
         if any(re.fullmatch(regex, "/".join(parts[:n])) for n in range(1, len(parts) + 1)):
             excluded = not negate
@@ -250,20 +261,45 @@ def test_dockerignore_matcher():
 def test_dockerignore_excludes_every_local_build_folder():
     """`COPY . .` must not carry bench/setup.sh's virtual envs (GBs), caches, outputs or anything
     else .gitignore keeps out of the repository."""
-    patterns = [line.strip() for line in DOCKERIGNORE.read_text().splitlines() if line.strip() and not line.startswith("#")]
-    local = [".venv/bin/python", "bench/.venv-trl/lib/torch.so", "bench/.venv-trl112/bin/python", "bench/.cache/hub/x", "out/sft/model.safetensors",
-             "wandb/run-1/files", "build/lib/x.py", "data/train.jsonl", ".pytest_cache/v", "tests/__pycache__/a.pyc", ".git/HEAD", ".env"]  # fmt: skip
+    patterns = [
+        line.strip() for line in DOCKERIGNORE.read_text().splitlines() if line.strip() and not line.startswith("#")
+    ]
+    local = [
+        ".venv/bin/python",
+        "bench/.venv-trl/lib/torch.so",
+        "bench/.venv-trl112/bin/python",
+        "bench/.cache/hub/x",
+        "out/sft/model.safetensors",
+        "wandb/run-1/files",
+        "build/lib/x.py",
+        "data/train.jsonl",
+        ".pytest_cache/v",
+        "tests/__pycache__/a.pyc",
+        ".git/HEAD",
+        ".env",
+    ]
     for line in (REPO / ".gitignore").read_text().splitlines():
         if line.strip() and not line.startswith(("#", "!")):
             local.append(line.strip().strip("/").replace("**/", "").replace("*", "x") + "/f")  # a file in or under it
     missing = [p for p in local if not dockerignored(p, patterns)]
     assert not missing, f"add to .dockerignore: {missing}"
-    for kept in ("pyproject.toml", "dgx_spark_summary_from_human_feedback/models.py", "sft.py", "bench/bench_sft.py", "README.md", "lauch_docker.sh"):
+    for kept in (
+        "pyproject.toml",
+        "dgx_spark_summary_from_human_feedback/models.py",
+        "sft.py",
+        "bench/bench_sft.py",
+        "README.md",
+        "lauch_docker.sh",
+    ):
         assert not dockerignored(kept, patterns), kept
 
 
 def test_dockerignore_excludes_local_state():
-    entries = {line.strip().rstrip("/") for line in DOCKERIGNORE.read_text().splitlines() if line.strip() and not line.startswith("#")}
+    entries = {
+        line.strip().rstrip("/")
+        for line in DOCKERIGNORE.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     for required in (".venv", ".git", "out", "data", "wandb", ".pytest_cache", ".hypothesis"):
         assert required in entries, required
     assert any("__pycache__" in e for e in entries)

@@ -26,23 +26,55 @@ from dgx_spark_summary_from_human_feedback.tracking import read_metrics
 
 from .conftest import REPO
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "WANDB_MODE": "disabled",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "1",
+}
 STEPS = 40
-ARGS = ["sft.py", "--preset", "smoke", "--eval-interval", "1", "--max-steps", str(STEPS), "--num-eval-samples", "2"]  # a save every step
+ARGS = [
+    "sft.py",
+    "--preset",
+    "smoke",
+    "--eval-interval",
+    "1",
+    "--max-steps",
+    str(STEPS),
+    "--num-eval-samples",
+    "2",
+]  # a save every step
 # (when to kill, seconds): "startup" = that long after launch; "training" = that long after the run's
 # first new checkpoint; "save" = that long after a temporary checkpoint directory of this process
 # appears; "state" = the instant its training_state.pt appears
-TRIALS = [("training", (0.2, 1.5)), ("save", (0.0, 0.0)), ("startup", (0.5, 3.0)), ("save", (0.002, 0.02)), ("state", (0.0, 0.0))]
+TRIALS = [
+    ("training", (0.2, 1.5)),
+    ("save", (0.0, 0.0)),
+    ("startup", (0.5, 3.0)),
+    ("save", (0.002, 0.02)),
+    ("state", (0.0, 0.0)),
+]
 
 
 def start(out: Path, log: Path, *extra: str) -> subprocess.Popen:
     with open(log, "w") as f:
-        return subprocess.Popen([sys.executable, *ARGS, "--output-dir", str(out), *extra], cwd=REPO, env=ENV, stdout=f, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, *ARGS, "--output-dir", str(out), *extra],
+            cwd=REPO,
+            env=ENV,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def own_tmp_dirs(out: Path, pid: int) -> list[Path]:
     root = out / "checkpoints"
-    return [p for p in root.iterdir() if p.name.startswith(".tmp-step_") and p.name.endswith(f"-{pid}")] if root.exists() else []
+    return (
+        [p for p in root.iterdir() if p.name.startswith(".tmp-step_") and p.name.endswith(f"-{pid}")]
+        if root.exists()
+        else []
+    )
 
 
 def newest_step(out: Path) -> int:
@@ -95,22 +127,37 @@ def test_sigkill_at_random_moments_never_corrupts_the_last_checkpoint(tmp_path):
             if trial == 0:  # the first kill needs a checkpoint to protect
                 wait_for(proc, lambda: newest_step(out) >= 1)
             kill(proc, out, when, rng.uniform(low, high))
-            assert proc.returncode == -signal.SIGKILL, f"trial {trial} ({when}) ended before the kill:\n{log.read_text()[-3000:]}"
+            assert proc.returncode == -signal.SIGKILL, (
+                f"trial {trial} ({when}) ended before the kill:\n{log.read_text()[-3000:]}"
+            )
             killed_in_save.append(bool(own_tmp_dirs(out, proc.pid)))
 
             last = latest_checkpoint(out)
             assert last is not None, f"trial {trial} ({when}): no checkpoint left"
             new_step = assert_loadable(last)
-            assert new_step >= step, f"trial {trial} ({when}): the newest checkpoint went back from step {step} to {new_step}"
+            assert new_step >= step, (
+                f"trial {trial} ({when}): the newest checkpoint went back from step {step} to {new_step}"
+            )
             step = new_step
             best_file = out / "checkpoints" / "best.json"  # written after its step directory is in place
-            best = out / "checkpoints" / f"step_{json.loads(best_file.read_text())['step']:06d}" if best_file.exists() else last
+            best = (
+                out / "checkpoints" / f"step_{json.loads(best_file.read_text())['step']:06d}"
+                if best_file.exists()
+                else last
+            )
             if best != last:
                 assert_loadable(best)
         assert any(killed_in_save), "no kill landed inside a checkpoint save"
         assert step < STEPS, "the kills came too late to interrupt the run"
 
-        final = subprocess.run([sys.executable, *ARGS, "--output-dir", str(out), "--resume"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+        final = subprocess.run(
+            [sys.executable, *ARGS, "--output-dir", str(out), "--resume"],
+            cwd=REPO,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert final.returncode == 0, final.stderr[-3000:]
         assert f"resumed from {out / 'checkpoints' / f'step_{step:06d}'}" in final.stdout
         assert reference.wait(timeout=600) == 0, (tmp_path / "uninterrupted.log").read_text()[-3000:]
@@ -120,7 +167,9 @@ def test_sigkill_at_random_moments_never_corrupts_the_last_checkpoint(tmp_path):
             reference.wait()
 
     assert read_metrics(out / "metrics.jsonl")[-1]["step"] == STEPS
-    assert not [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-")], "a killed save's temporary directory was left behind"
+    assert not [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-")], (
+        "a killed save's temporary directory was left behind"
+    )
     killed = AutoModelForCausalLM.from_pretrained(str(out)).state_dict()
     uninterrupted = AutoModelForCausalLM.from_pretrained(str(tmp_path / "uninterrupted")).state_dict()
     assert killed.keys() == uninterrupted.keys()

@@ -153,7 +153,11 @@ def test_tokenizations_per_row_grow_logarithmically(tokenizer, lines):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     title=st.text(st.characters(exclude_categories=("Cs",)), max_size=300),
-    post=st.text(alphabet=st.sampled_from(list("ab \n\t.🙂é日")) | st.characters(exclude_categories=("Cs",)), min_size=1, max_size=1500),
+    post=st.text(
+        alphabet=st.sampled_from(list("ab \n\t.🙂é日")) | st.characters(exclude_categories=("Cs",)),
+        min_size=1,
+        max_size=1500,
+    ),
     length=st.integers(min_value=40, max_value=200),
 )
 def test_random_queries_always_fit_and_never_hang(tokenizer, title, post, length):
@@ -199,7 +203,12 @@ def test_long_summary_is_dropped_and_counted_or_cut_keeping_eos(tokenizer):
 
 @pytest.mark.parametrize(
     "bad, field",
-    [({"post": None}, "'post' is null"), ({"post": "  "}, "'post' is empty"), ({"title": 5}, "'title' is int"), ({"summary": None}, "'summary' is null")],
+    [
+        ({"post": None}, "'post' is null"),
+        ({"post": "  "}, "'post' is empty"),
+        ({"title": 5}, "'title' is int"),
+        ({"summary": None}, "'summary' is null"),
+    ],
 )
 def test_bad_sft_rows_name_row_and_field_or_are_skipped(tokenizer, bad, field):
     rows = [row(id="good"), {**row(id="bad-7"), **bad}]
@@ -234,8 +243,18 @@ def test_processing_refuses_a_tokenizer_with_pad_equal_to_eos():
 
 def comparison(choice=0, split="train", batch="batch3", texts=(" good summary", " lol idk"), id="c0"):
     return {
-        "info": {"id": id, "post": "My post.\n\nMore.", "title": "T", "subreddit": "tifu", "site": None, "article": None},
-        "summaries": [{"text": texts[0], "policy": "sup2", "note": None}, {"text": texts[1], "policy": "ref", "note": None}],
+        "info": {
+            "id": id,
+            "post": "My post.\n\nMore.",
+            "title": "T",
+            "subreddit": "tifu",
+            "site": None,
+            "article": None,
+        },
+        "summaries": [
+            {"text": texts[0], "policy": "sup2", "note": None},
+            {"text": texts[1], "policy": "ref", "note": None},
+        ],
         "choice": choice,
         "worker": "w",
         "batch": batch,
@@ -248,7 +267,9 @@ def test_comparisons_pick_chosen_by_choice_append_eos_and_route_splits(tokenizer
     cnndm = comparison(split="valid2", batch="cnndm0", id="cnn")
     cnndm["info"].update(post=None, title=None, subreddit=None, article="Line one.\nLine two.")
     # a source not named as a split (one file of OpenAI's release): each row's own field decides
-    raw = datasets.DatasetDict({"batch3": datasets.Dataset.from_list([comparison(1), comparison(0, split="valid1"), cnndm])})
+    raw = datasets.DatasetDict(
+        {"batch3": datasets.Dataset.from_list([comparison(1), comparison(0, split="valid1"), cnndm])}
+    )
     out = process_comparisons(raw, tokenizer)
     assert sorted(out) == ["train", "validation", "validation_cnndm"]
     t = out["train"][0]
@@ -269,7 +290,10 @@ def test_comparisons_pick_chosen_by_choice_append_eos_and_route_splits(tokenizer
     [
         ({"choice": 2}, "field 'choice' is 2"),
         ({"summaries": [{"text": " only one", "policy": "a", "note": None}]}, "needs two summaries"),
-        ({"info": {"id": "c0", "post": None, "title": "T", "subreddit": "tifu", "site": None, "article": None}}, "'info.post' is null"),
+        (
+            {"info": {"id": "c0", "post": None, "title": "T", "subreddit": "tifu", "site": None, "article": None}},
+            "'info.post' is null",
+        ),
     ],
 )
 def test_bad_comparisons_give_one_line_errors(tokenizer, change, message):
@@ -310,7 +334,15 @@ def test_help_documents_every_option(module):
 
 
 def test_cli_error_is_one_line_without_traceback(tmp_path):
-    result = run_cli("process_sft_dataset", "--dataset", str(tmp_path / "nope.jsonl"), "--tokenizer", str(tiny.TOKENIZER_DIR), "--output-dir", str(tmp_path / "o"))
+    result = run_cli(
+        "process_sft_dataset",
+        "--dataset",
+        str(tmp_path / "nope.jsonl"),
+        "--tokenizer",
+        str(tiny.TOKENIZER_DIR),
+        "--output-dir",
+        str(tmp_path / "o"),
+    )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [f"error: dataset path {tmp_path / 'nope.jsonl'} does not exist"]
@@ -318,9 +350,21 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
 
 def test_fixture_cli_writes_splits_card_and_stats(tmp_path):
     out = tmp_path / "sft"
-    result = run_cli("process_sft_dataset", "--dataset", str(tiny.SFT_DIR), "--tokenizer", str(tiny.TOKENIZER_DIR), "--output-dir", str(out))
+    result = run_cli(
+        "process_sft_dataset",
+        "--dataset",
+        str(tiny.SFT_DIR),
+        "--tokenizer",
+        str(tiny.TOKENIZER_DIR),
+        "--output-dir",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr
-    assert "query_token_len" in result.stdout and "p95" in result.stdout and "dropped: response over 63 tokens" in result.stdout
+    assert (
+        "query_token_len" in result.stdout
+        and "p95" in result.stdout
+        and "dropped: response over 63 tokens" in result.stdout
+    )
     ds = datasets.load_from_disk(str(out))
     assert sorted(ds) == ["test", "train", "validation"]
     card = (out / "README.md").read_text()
@@ -331,9 +375,16 @@ def test_fixture_cli_writes_splits_card_and_stats(tmp_path):
 def test_real_sample_sft_all_rows_512_tokens_cut_at_newlines(tmp_path, tokenizer):
     out = tmp_path / "sft"
     result = run_cli(
-        "process_sft_dataset", "--dataset", str(REAL_SAMPLE / "sft.jsonl"), "--tokenizer", str(tiny.TOKENIZER_DIR),
-        "--output-dir", str(out), "--long-response", "truncate",
-    )  # fmt: skip
+        "process_sft_dataset",
+        "--dataset",
+        str(REAL_SAMPLE / "sft.jsonl"),
+        "--tokenizer",
+        str(tiny.TOKENIZER_DIR),
+        "--output-dir",
+        str(out),
+        "--long-response",
+        "truncate",
+    )
     assert result.returncode == 0, result.stderr
     assert "max" in result.stdout and "truncated:" in result.stdout
     ds = datasets.load_from_disk(str(out))["train"]
@@ -353,7 +404,15 @@ def test_real_sample_sft_all_rows_512_tokens_cut_at_newlines(tmp_path, tokenizer
 @needs_real_sample
 def test_real_sample_comparisons(tmp_path):
     out = tmp_path / "cmp"
-    result = run_cli("process_comparison_dataset", "--dataset", str(REAL_SAMPLE / "comparisons.jsonl"), "--tokenizer", str(tiny.TOKENIZER_DIR), "--output-dir", str(out))
+    result = run_cli(
+        "process_comparison_dataset",
+        "--dataset",
+        str(REAL_SAMPLE / "comparisons.jsonl"),
+        "--tokenizer",
+        str(tiny.TOKENIZER_DIR),
+        "--output-dir",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr
     ds = datasets.load_from_disk(str(out))
     assert list(ds) == ["validation"]  # the sample's rows are valid1

@@ -28,8 +28,14 @@ NO_CLIP = ["--grad-clip", "0"]
 
 def run(script, *args, nproc=1):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
-    result = subprocess.run(launcher + [str(REPO / script), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        if nproc > 1
+        else [sys.executable]
+    )
+    result = subprocess.run(
+        launcher + [str(REPO / script), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -57,7 +63,18 @@ def sft_single(tmp_path_factory):
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_sft_two_processes_match_one(tmp_path, sft_single, strategy):
-    run("sft.py", *SMOKE, *NO_CLIP, "--num-eval-samples", "2", "--strategy", strategy, "--output-dir", str(tmp_path), nproc=2)
+    run(
+        "sft.py",
+        *SMOKE,
+        *NO_CLIP,
+        "--num-eval-samples",
+        "2",
+        "--strategy",
+        strategy,
+        "--output-dir",
+        str(tmp_path),
+        nproc=2,
+    )
     assert_close(sft_single, tmp_path, atol=1e-5)
     assert_same_grad_norms(sft_single, tmp_path)
     one, two = ((d / "metrics.jsonl").read_text().splitlines() for d in (sft_single, tmp_path))
@@ -73,7 +90,18 @@ def reward_single(tmp_path_factory, sft_single):
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_reward_two_processes_match_one(tmp_path, sft_single, reward_single, strategy):
-    run("reward.py", *SMOKE, *NO_CLIP, "--sft-path", str(sft_single), "--strategy", strategy, "--output-dir", str(tmp_path), nproc=2)
+    run(
+        "reward.py",
+        *SMOKE,
+        *NO_CLIP,
+        "--sft-path",
+        str(sft_single),
+        "--strategy",
+        strategy,
+        "--output-dir",
+        str(tmp_path),
+        nproc=2,
+    )
     assert_close(reward_single, tmp_path, atol=1e-4)  # Adam's first steps amplify float reordering
     assert_same_grad_norms(reward_single, tmp_path)
 
@@ -144,11 +172,35 @@ def test_two_nodes_without_shared_storage_stop_on_resume_with_one_line(tmp_path,
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
-             "--master-addr", "127.0.0.1", "--master-port", str(port), str(REPO / "sft.py"), *SMOKE, *NO_CLIP, "--num-eval-samples", "2",
-             "--resume", "--output-dir", str(out)],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(rank),
+                "--nproc-per-node",
+                "1",
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(port),
+                str(REPO / "sft.py"),
+                *SMOKE,
+                *NO_CLIP,
+                "--num-eval-samples",
+                "2",
+                "--resume",
+                "--output-dir",
+                str(out),
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for rank, out in enumerate((node0, node1))
     ]
     results = [(p.wait(timeout=600), p.stderr.read(), p.stdout.read()) for p in procs]
@@ -158,17 +210,34 @@ def test_two_nodes_without_shared_storage_stop_on_resume_with_one_line(tmp_path,
         assert lines, stderr[-3000:]
         assert "is not shared storage: rank 1 on" in lines[0] and "shared filesystem" in lines[0], lines[0]
         assert "resumed from" not in stdout
-    assert sorted(p.name for p in (node0 / "checkpoints").iterdir()) == sorted(p.name for p in (sft_single / "checkpoints").iterdir())
+    assert sorted(p.name for p in (node0 / "checkpoints").iterdir()) == sorted(
+        p.name for p in (sft_single / "checkpoints").iterdir()
+    )
 
 
 def test_ppo_two_processes_complete(tmp_path, sft_single):
     rm = tmp_path / "rm"
     run("reward.py", *SMOKE, "--sft-path", str(sft_single), "--output-dir", str(rm))
     out = tmp_path / "ppo"
-    run("ppo.py", "--preset", "smoke", "--sft-path", str(sft_single), "--reward-path", str(rm), "--total-episodes", "48", "--output-dir", str(out), nproc=2)
+    run(
+        "ppo.py",
+        "--preset",
+        "smoke",
+        "--sft-path",
+        str(sft_single),
+        "--reward-path",
+        str(rm),
+        "--total-episodes",
+        "48",
+        "--output-dir",
+        str(out),
+        nproc=2,
+    )
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3  # 48 episodes / 16 per update, logged once (rank 0)
-    assert (out / "model.safetensors").exists() and (out / "checkpoints" / "step_000003" / "value" / "model.safetensors").exists()
+    assert (out / "model.safetensors").exists() and (
+        out / "checkpoints" / "step_000003" / "value" / "model.safetensors"
+    ).exists()
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
@@ -176,9 +245,25 @@ def test_dpo_two_processes_match_one(tmp_path, sft_single, strategy):
     """Reference log-probs computed in shares and gathered, and the DPO steps, under two processes."""
     single, double = tmp_path / "one", tmp_path / "two"
     run("dpo.py", *SMOKE, *NO_CLIP, "--sft-path", str(sft_single), "--output-dir", str(single))
-    run("dpo.py", *SMOKE, *NO_CLIP, "--sft-path", str(sft_single), "--strategy", strategy, "--output-dir", str(double), nproc=2)
-    a, b = load_file(str(single / "reference_logprobs.safetensors")), load_file(str(double / "reference_logprobs.safetensors"))
-    assert a.keys() == b.keys() and all(torch.count_nonzero(b[k]) == b[k].numel() for k in b)  # every row filled by some process
+    run(
+        "dpo.py",
+        *SMOKE,
+        *NO_CLIP,
+        "--sft-path",
+        str(sft_single),
+        "--strategy",
+        strategy,
+        "--output-dir",
+        str(double),
+        nproc=2,
+    )
+    a, b = (
+        load_file(str(single / "reference_logprobs.safetensors")),
+        load_file(str(double / "reference_logprobs.safetensors")),
+    )
+    assert a.keys() == b.keys() and all(
+        torch.count_nonzero(b[k]) == b[k].numel() for k in b
+    )  # every row filled by some process
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=0, msg=k)
     assert_close(single, double, atol=1e-4)
@@ -189,7 +274,20 @@ def test_grpo_two_processes_complete(tmp_path, sft_single):
     rm = tmp_path / "rm"
     run("reward.py", *SMOKE, "--sft-path", str(sft_single), "--output-dir", str(rm))
     out = tmp_path / "grpo"
-    run("grpo.py", "--preset", "smoke", "--sft-path", str(sft_single), "--reward-path", str(rm), "--total-episodes", "48", "--output-dir", str(out), nproc=2)
+    run(
+        "grpo.py",
+        "--preset",
+        "smoke",
+        "--sft-path",
+        str(sft_single),
+        "--reward-path",
+        str(rm),
+        "--total-episodes",
+        "48",
+        "--output-dir",
+        str(out),
+        nproc=2,
+    )
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3  # 48 episodes / 16 per update (2 queries x 4 responses per process), logged once (rank 0)
     assert (out / "model.safetensors").exists() and not (out / "checkpoints" / "step_000003" / "value").exists()

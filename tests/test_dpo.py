@@ -26,7 +26,13 @@ from .stage_fixtures import (  # noqa: F401
 )
 
 dpo = load_script("dpo")
-FULL_ROW_COLUMNS = [*PAIR_COLUMNS, "query_chosen_token", "query_chosen_token_len", "query_rejected_token", "query_rejected_token_len"]
+FULL_ROW_COLUMNS = [
+    *PAIR_COLUMNS,
+    "query_chosen_token",
+    "query_chosen_token_len",
+    "query_rejected_token",
+    "query_rejected_token_len",
+]
 
 
 # ---- the loss
@@ -52,7 +58,9 @@ def test_dpo_loss_and_implicit_rewards_equal_a_hand_computation():
 def test_dpo_loss_is_ln2_with_zero_rewards_when_policy_is_reference_and_its_gradient_pushes_the_pair_apart():
     chosen = torch.tensor([-7.0, -3.0], requires_grad=True)
     rejected = torch.tensor([-5.0, -9.0], requires_grad=True)
-    losses, chosen_rewards, rejected_rewards = dpo.dpo_loss(chosen, rejected, chosen.detach(), rejected.detach(), beta=0.05)
+    losses, chosen_rewards, rejected_rewards = dpo.dpo_loss(
+        chosen, rejected, chosen.detach(), rejected.detach(), beta=0.05
+    )
     torch.testing.assert_close(losses, torch.full((2,), math.log(2)))
     assert torch.equal(chosen_rewards, torch.zeros(2)) and torch.equal(rejected_rewards, torch.zeros(2))
     losses.sum().backward()
@@ -96,13 +104,18 @@ def test_pair_logprobs_equal_full_rows_in_values_and_gradients(policy, pair_rows
     runtime = setup_runtime("cpu", "fp32")
     ref = torch.tensor([[-50.0, -40.0]]).repeat(6, 1)  # any fixed reference: the gradient is the policy's
     policy.zero_grad()
-    chosen, rejected = dpo.pair_logprobs(functools.partial(get_pair_logprobs, policy, share_prefix=share_prefix), pair_rows, runtime)
+    chosen, rejected = dpo.pair_logprobs(
+        functools.partial(get_pair_logprobs, policy, share_prefix=share_prefix), pair_rows, runtime
+    )
     losses, _, _ = dpo.dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], beta=0.5)
     losses.sum().backward()
     grads = {n: p.grad.clone() for n, p in policy.named_parameters()}
     policy.zero_grad()
 
-    chosen_full, rejected_full = full_row_logprobs(policy, pair_rows, "chosen"), full_row_logprobs(policy, pair_rows, "rejected")
+    chosen_full, rejected_full = (
+        full_row_logprobs(policy, pair_rows, "chosen"),
+        full_row_logprobs(policy, pair_rows, "rejected"),
+    )
     torch.testing.assert_close(chosen, chosen_full.detach(), atol=1e-4, rtol=0)
     torch.testing.assert_close(rejected, rejected_full.detach(), atol=1e-4, rtol=0)
     assert chosen.unique().numel() == 6  # the rows really differ
@@ -131,7 +144,9 @@ def test_cached_reference_logprobs_equal_a_live_reference_forward(policy, tokeni
     data = ds.select(range(10)).with_format("torch", columns=FULL_ROW_COLUMNS)
     cached = dpo.reference_logprobs(policy, data, 4, setup_runtime("cpu", "fp32"))  # (10, 2)
     with torch.no_grad():
-        live = torch.stack([full_row_logprobs(policy, data[:], "chosen"), full_row_logprobs(policy, data[:], "rejected")], 1)
+        live = torch.stack(
+            [full_row_logprobs(policy, data[:], "chosen"), full_row_logprobs(policy, data[:], "rejected")], 1
+        )
     torch.testing.assert_close(cached, live, atol=1e-4, rtol=0)
 
 
@@ -140,28 +155,59 @@ def test_train_step_gives_the_same_update_for_any_micro_batch_split(policy, toke
     one micro-batch of 6 give the same step (a per-micro-batch mean would weight them apart)."""
     ds = load_stage_data(str(tiny.COMPARISONS_FILE), tokenizer, "comparisons", ("train",), Lengths(512, 133))["train"]
     train = ds.select(range(6)).with_format("torch", columns=PAIR_COLUMNS)
-    lengths = [int(q) + max(int(c), int(r)) for q, c, r in zip(train["query_token_len"], train["chosen_token_len"], train["rejected_token_len"])]
-    reference = torch.tensor([[-60.0, -50.0], [-40.0, -45.0], [-70.0, -30.0], [-55.0, -52.0], [-35.0, -65.0], [-48.0, -47.0]])
+    lengths = [
+        int(q) + max(int(c), int(r))
+        for q, c, r in zip(train["query_token_len"], train["chosen_token_len"], train["rejected_token_len"])
+    ]
+    reference = torch.tensor(
+        [[-60.0, -50.0], [-40.0, -45.0], [-70.0, -30.0], [-55.0, -52.0], [-35.0, -65.0], [-48.0, -47.0]]
+    )
     runtime = setup_runtime("cpu", "fp32")
     weights, stats = [], []
     for micro in (2, 6):
         model = copy.deepcopy(policy)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         cfg = dpo.Config(batch_size=6, micro_batch_size=micro, beta=0.1, grad_clip=0.0)
-        stats.append(dpo.train_step(functools.partial(get_pair_logprobs, model), model, optimizer, train, list(range(6)), reference, lengths, cfg, runtime, 0, tmp_path))
+        stats.append(
+            dpo.train_step(
+                functools.partial(get_pair_logprobs, model),
+                model,
+                optimizer,
+                train,
+                list(range(6)),
+                reference,
+                lengths,
+                cfg,
+                runtime,
+                0,
+                tmp_path,
+            )
+        )
         weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
     assert stats[0]["grad_norm"] > 0
     assert stats[0]["grad_norm"] == pytest.approx(stats[1]["grad_norm"], rel=1e-4)
     assert stats[0]["train/loss"] == pytest.approx(stats[1]["train/loss"], rel=1e-5)
     for name in weights[0]:
         torch.testing.assert_close(weights[0][name], weights[1][name], atol=1e-6, rtol=1e-5, msg=name)
-    assert not torch.equal(weights[0]["model.embed_tokens.weight"], policy.model.embed_tokens.weight)  # the step moved them
+    assert not torch.equal(
+        weights[0]["model.embed_tokens.weight"], policy.model.embed_tokens.weight
+    )  # the step moved them
 
 
 # ---- the smoke run: learning, outputs, kill-and-resume
 
 
-TRL_METRICS = ["train/loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "lr", "grad_norm"]
+TRL_METRICS = [
+    "train/loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "lr",
+    "grad_norm",
+]
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +216,9 @@ def dpo_runs(sft_smoke_dir, tmp_path_factory):
     killed after checkpoint 8 and resumed) output directories."""
     root = tmp_path_factory.mktemp("dpo")
     a, b = root / "a", root / "b"
-    killed_at = run_killed_and_uninterrupted("dpo.py", ["--preset", "smoke", "--sft-path", sft_smoke_dir, "--eval-interval", 4], a, b, kill_at=8)
+    killed_at = run_killed_and_uninterrupted(
+        "dpo.py", ["--preset", "smoke", "--sft-path", sft_smoke_dir, "--eval-interval", 4], a, b, kill_at=8
+    )
     assert 8 <= killed_at < 24
     return a, b
 
@@ -200,7 +248,11 @@ def test_dpo_smoke_run_writes_a_plain_hf_policy_report_and_trl_metrics(dpo_runs,
     for record in train:
         assert all(math.isfinite(record[k]) for k in TRL_METRICS), record
     report = (out / "report.md").read_text()
-    assert "### validation: implicit-reward accuracy" in report and "### validation_cnndm:" in report and "By confidence:" in report
+    assert (
+        "### validation: implicit-reward accuracy" in report
+        and "### validation_cnndm:" in report
+        and "By confidence:" in report
+    )
 
 
 @pytest.mark.slow
@@ -208,7 +260,9 @@ def test_saved_reference_logprobs_are_the_sft_models(dpo_runs, sft_smoke_dir):
     """The reference file kept with the run holds the SFT model's log-probs of every train row."""
     saved = load_file(str(dpo_runs[0] / dpo.REFERENCE_FILE))
     tokenizer = load_tokenizer(str(sft_smoke_dir))
-    ds = load_stage_data(str(tiny.COMPARISONS_FILE), tokenizer, "comparisons", ("train", "validation"), Lengths(512, 133))
+    ds = load_stage_data(
+        str(tiny.COMPARISONS_FILE), tokenizer, "comparisons", ("train", "validation"), Lengths(512, 133)
+    )
     assert saved["train"].shape == (len(ds["train"]), 2) and saved["validation"].shape == (len(ds["validation"]), 2)
     sft = load_policy(str(sft_smoke_dir), tokenizer)
     rows = ds["train"].select(range(0, 96, 12)).with_format("torch", columns=FULL_ROW_COLUMNS)[:]
@@ -232,7 +286,13 @@ def test_killed_and_resumed_dpo_run_is_bit_equal(dpo_runs):
 def test_saved_reference_is_reused_only_for_the_same_data_and_sft_model(tmp_path):
     path = tmp_path / dpo.REFERENCE_FILE
     reference = {"train": torch.randn(5, 2), "validation": torch.randn(3, 2)}
-    metadata = {"sft_path": "/x/sft", "train/rows": "5", "train/fingerprint": "abc", "validation/rows": "3", "validation/fingerprint": "def"}
+    metadata = {
+        "sft_path": "/x/sft",
+        "train/rows": "5",
+        "train/fingerprint": "abc",
+        "validation/rows": "3",
+        "validation/fingerprint": "def",
+    }
     assert dpo.load_reference(path, metadata) is None  # nothing saved yet
     dpo.save_reference(path, reference, metadata)
     loaded = dpo.load_reference(path, metadata)

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from dgx_spark_summary_from_human_feedback.generation import InputError
-from dgx_spark_summary_from_human_feedback.models import PACKED_FLEX, PACKED_VARLEN, get_score, hidden_states, load_policy, load_reward_model
+from dgx_spark_summary_from_human_feedback.models import (
+    PACKED_FLEX,
+    PACKED_VARLEN,
+    get_score,
+    hidden_states,
+    load_policy,
+    load_reward_model,
+)
 
 from .test_models import padded_rows
 
@@ -40,7 +47,9 @@ def test_flex_packed_rows_do_not_attend_to_each_other(flex_model, tokenizer):
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_reward_model_scores_as_the_default_one(tiny_model_dir, tokenizer):
     ids, mask = padded_rows(tokenizer)
-    mask[:, -1] = torch.tensor([1, 0, 0, 1])  # rows end at different columns: the score is read at each row's last token
+    mask[:, -1] = torch.tensor(
+        [1, 0, 0, 1]
+    )  # rows end at different columns: the score is read at each row's last token
     scores = {}
     for attention in ("sdpa_packed", PACKED_FLEX):
         torch.manual_seed(0)  # the same fresh head
@@ -66,7 +75,10 @@ def test_packed_attention_leaves_generation_on_sdpa(flex_model, tiny_model_dir, 
 
     default = load_policy(str(tiny_model_dir), tokenizer).eval()
     ids, mask = pad_queries([[5, 6, 7], list(range(40, 51))], tokenizer.pad_token_id, "cpu")
-    samples = [generate(m, ids, mask, max_new_tokens=8, temperature=1.0, generator=torch.Generator().manual_seed(0)) for m in (default, flex_model)]
+    samples = [
+        generate(m, ids, mask, max_new_tokens=8, temperature=1.0, generator=torch.Generator().manual_seed(0))
+        for m in (default, flex_model)
+    ]
     assert torch.equal(samples[0], samples[1])
 
 
@@ -79,7 +91,9 @@ def test_rollout_with_static_decoding_is_the_eager_rollout(tiny_model_dir, token
 
     policy = eos_prone(load_policy(str(tiny_model_dir), tokenizer), tokenizer.eos_token_id, boost=0.3)
     ref_policy = load_policy(str(tiny_model_dir), tokenizer).eval()
-    ids, mask = pad_queries([[5, 6, 7], list(range(40, 51)), list(range(100, 107)), [9] * 5], tokenizer.pad_token_id, "cpu")
+    ids, mask = pad_queries(
+        [[5, 6, 7], list(range(40, 51)), list(range(100, 107)), [9] * 5], tokenizer.pad_token_id, "cpu"
+    )
 
     def score_fn(query_responses, attention_mask):
         return attention_mask.sum(-1).float()  # any function of the sampled rows
@@ -87,16 +101,39 @@ def test_rollout_with_static_decoding_is_the_eager_rollout(tiny_model_dir, token
     batches = {}
     for decoding in ("eager", "static"):
         batches[decoding] = rollout(
-            policy, ref_policy, score_fn, ids, mask, tokenizer, response_length=16, temperature=0.7, no_eos_score=-1.0,
-            generation_batch_size=3, forward_batch_size=2, generator=torch.Generator().manual_seed(0), decoding=decoding,
-        )  # fmt: skip
+            policy,
+            ref_policy,
+            score_fn,
+            ids,
+            mask,
+            tokenizer,
+            response_length=16,
+            temperature=0.7,
+            no_eos_score=-1.0,
+            generation_batch_size=3,
+            forward_batch_size=2,
+            generator=torch.Generator().manual_seed(0),
+            decoding=decoding,
+        )
     eager, static = batches["eager"], batches["static"]
     assert eager.has_eos.any()  # EOS mid-way: truncation, padding and the no-EOS score are exercised too
     for name in ("query_responses", "attention_mask", "responses", "has_eos", "logprobs", "ref_logprobs", "scores"):
         assert torch.equal(getattr(static, name), getattr(eager, name)), name
     with pytest.raises(InputError, match="cuda_graph needs a CUDA device"):  # the option does reach generate
-        rollout(policy, ref_policy, score_fn, ids, mask, tokenizer, response_length=4, temperature=0.7, no_eos_score=-1.0,
-                generation_batch_size=3, forward_batch_size=2, decoding="cuda_graph")  # fmt: skip
+        rollout(
+            policy,
+            ref_policy,
+            score_fn,
+            ids,
+            mask,
+            tokenizer,
+            response_length=4,
+            temperature=0.7,
+            no_eos_score=-1.0,
+            generation_batch_size=3,
+            forward_batch_size=2,
+            decoding="cuda_graph",
+        )
 
 
 @pytest.mark.slow
@@ -109,7 +146,12 @@ def test_gpu_script_runs_every_code_path_on_cpu(tmp_path):
     from .conftest import REPO
 
     out = tmp_path / "gpu_issue17.json"
-    result = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_issue17.py"), "--cpu-smoke", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gpu_issue17.py"), "--cpu-smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["errors"] == {}, data["errors"]
@@ -120,7 +162,9 @@ def test_gpu_script_runs_every_code_path_on_cpu(tmp_path):
     assert packed["sdpa_packed"]["hidden_gap"] < 1e-5 and packed["sdpa_packed"]["grad_gap_max"] < 1e-3
     assert packed["flex_packed"]["hidden_gap"] < 1e-5 and "no backward on CPU" in packed["flex_packed"]["error"]
     assert "runs on CUDA" in packed["varlen_packed"]["error"]
-    assert all(isinstance(v, dict) and v["ms"] > 0 for part in ("reward_sweep", "ppo_sweep") for v in results[part].values())
+    assert all(
+        isinstance(v, dict) and v["ms"] > 0 for part in ("reward_sweep", "ppo_sweep") for v in results[part].values()
+    )
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -131,4 +175,6 @@ def test_flex_packed_under_bf16_autocast(flex_model, tokenizer):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         packed, padded = hidden_states(flex_model, ids, mask), hidden_states(flex_model, ids, mask, pack=False)
     assert packed.dtype == padded.dtype
-    torch.testing.assert_close(packed[keep].float(), padded[keep].float(), rtol=0.02, atol=0.02 * float(padded.abs().max()))
+    torch.testing.assert_close(
+        packed[keep].float(), padded[keep].float(), rtol=0.02, atol=0.02 * float(padded.abs().max())
+    )

@@ -9,13 +9,23 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dgx_spark_summary_from_human_feedback import tiny
-from dgx_spark_summary_from_human_feedback.generation import generate, pad_queries, query_tokens_of, sample_next, truncate_after_eos
+from dgx_spark_summary_from_human_feedback.generation import (
+    generate,
+    pad_queries,
+    query_tokens_of,
+    sample_next,
+    truncate_after_eos,
+)
 from dgx_spark_summary_from_human_feedback.models import load_policy
 
 from .stage_fixtures import eos_prone
 
 PKG = "dgx_spark_summary_from_human_feedback"
-QUERIES = [list(range(5, 8)), list(range(40, 51)), list(range(100, 107))]  # lengths 3, 11, 7: left padding differs per row
+QUERIES = [
+    list(range(5, 8)),
+    list(range(40, 51)),
+    list(range(100, 107)),
+]  # lengths 3, 11, 7: left padding differs per row
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +68,9 @@ def position_sensitive_model():
     argmax in most steps.
     """
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny.model_config(tie_word_embeddings=False), attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_config(
+        tiny.model_config(tie_word_embeddings=False), attn_implementation="sdpa"
+    ).eval()
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight *= 4
@@ -82,7 +94,9 @@ def test_sampling_is_deterministic_given_the_generator(model, tokenizer):
     ids, mask = pad_queries(QUERIES, tokenizer.pad_token_id, "cpu")
 
     def sample(seed):
-        return generate(model, ids, mask, max_new_tokens=16, temperature=1.0, generator=torch.Generator().manual_seed(seed))
+        return generate(
+            model, ids, mask, max_new_tokens=16, temperature=1.0, generator=torch.Generator().manual_seed(seed)
+        )
 
     assert torch.equal(sample(7), sample(7))
     assert not torch.equal(sample(7), sample(8))
@@ -95,11 +109,21 @@ def test_without_eos_id_samples_every_position_past_eos(model, tokenizer):
     calls = []
     hook = likely.register_forward_hook(lambda *_: calls.append(1))
     try:
-        responses = generate(likely, ids, mask, max_new_tokens=10, temperature=1.0, generator=torch.Generator().manual_seed(0))
+        responses = generate(
+            likely, ids, mask, max_new_tokens=10, temperature=1.0, generator=torch.Generator().manual_seed(0)
+        )
         assert responses.shape == (3, 10) and len(calls) == 10  # one prefill + 9 decode steps: no early stop
         assert (responses[:, 0] == eos).all()  # EOS came first in every row, and sampling went on
         calls.clear()
-        stopped = generate(likely, ids, mask, max_new_tokens=10, temperature=1.0, generator=torch.Generator().manual_seed(0), eos_token_id=eos)
+        stopped = generate(
+            likely,
+            ids,
+            mask,
+            max_new_tokens=10,
+            temperature=1.0,
+            generator=torch.Generator().manual_seed(0),
+            eos_token_id=eos,
+        )
         assert stopped.shape == (3, 10) and len(calls) < 10  # stopped once every row had its EOS
         assert (stopped[:, 0] == eos).all()
     finally:
@@ -111,7 +135,9 @@ def test_tokens_after_an_eos_are_still_sampled(model, tokenizer):
     eos = tokenizer.eos_token_id
     likely = eos_prone(model, eos, boost=0.5)
     ids, mask = pad_queries(QUERIES * 2, tokenizer.pad_token_id, "cpu")
-    responses = generate(likely, ids, mask, max_new_tokens=40, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    responses = generate(
+        likely, ids, mask, max_new_tokens=40, temperature=1.0, generator=torch.Generator().manual_seed(0)
+    )
     assert responses.shape == (6, 40)
     _, keep, has_eos = truncate_after_eos(responses, eos, tokenizer.pad_token_id)
     assert has_eos.any()
@@ -155,7 +181,9 @@ def eos_prone_dir(model, tokenizer, tmp_path_factory):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", f"{PKG}.generation", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", f"{PKG}.generation", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def check_responses(records, tokenizer, max_new_tokens=63):
@@ -174,7 +202,20 @@ def check_responses(records, tokenizer, max_new_tokens=63):
 @pytest.mark.slow
 def test_cli_samples_dataset_posts_and_truncates_after_eos(eos_prone_dir, tokenizer, tmp_path):
     out = tmp_path / "samples.jsonl"
-    result = run_cli("--checkpoint", str(eos_prone_dir), "--dataset", str(tiny.SFT_DIR), "--split", "validation", "--num-samples", "4", "--output", str(out), "--device", "cpu")
+    result = run_cli(
+        "--checkpoint",
+        str(eos_prone_dir),
+        "--dataset",
+        str(tiny.SFT_DIR),
+        "--split",
+        "validation",
+        "--num-samples",
+        "4",
+        "--output",
+        str(out),
+        "--device",
+        "cpu",
+    )
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in records] == ["validation-000", "validation-001", "validation-002", "validation-003"]
@@ -188,9 +229,16 @@ def test_cli_samples_dataset_posts_and_truncates_after_eos(eos_prone_dir, tokeni
 @pytest.mark.slow
 def test_cli_prompt_file(eos_prone_dir, tokenizer, tmp_path):
     prompts = tmp_path / "posts.jsonl"
-    prompts.write_text(json.dumps("My dog ate my car. What do I do?") + "\n" + json.dumps({"subreddit": "tifu", "title": "My cake", "post": "I broke it."}) + "\n")
+    prompts.write_text(
+        json.dumps("My dog ate my car. What do I do?")
+        + "\n"
+        + json.dumps({"subreddit": "tifu", "title": "My cake", "post": "I broke it."})
+        + "\n"
+    )
     out = tmp_path / "samples.jsonl"
-    result = run_cli("--checkpoint", str(eos_prone_dir), "--prompt-file", str(prompts), "--output", str(out), "--device", "cpu")
+    result = run_cli(
+        "--checkpoint", str(eos_prone_dir), "--prompt-file", str(prompts), "--output", str(out), "--device", "cpu"
+    )
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in records] == ["line1", "line2"]
@@ -210,7 +258,9 @@ def test_cli_bad_prompt_file_is_one_line(eos_prone_dir, tmp_path):
 # ---- static decoding (issue 17): the same tokens as the eager loop
 
 
-@pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=0.7, top_k=50, top_p=0.9), dict(temperature=0.0)])
+@pytest.mark.parametrize(
+    "sampling", [dict(temperature=1.0), dict(temperature=0.7, top_k=50, top_p=0.9), dict(temperature=0.0)]
+)
 def test_static_decoding_gives_the_same_tokens_as_eager(model, position_sensitive_model, tokenizer, sampling):
     """Left-padded rows, EOS mid-way (sampling goes on past it, or stops once every row has one):
     the preallocated cache, key mask and positions give what the growing ones give."""
@@ -235,7 +285,9 @@ def test_static_decoding_logits_match_eager_at_every_step(position_sensitive_mod
     logits = {}
     for decoding in ("eager", "static"):
         seen = []
-        hook = position_sensitive_model.register_forward_hook(lambda _m, _a, out: seen.append(out.logits[:, -1].clone()))
+        hook = position_sensitive_model.register_forward_hook(
+            lambda _m, _a, out: seen.append(out.logits[:, -1].clone())
+        )
         try:
             generate(position_sensitive_model, ids, mask, max_new_tokens=12, temperature=0.0, decoding=decoding)
         finally:
@@ -259,10 +311,27 @@ def test_cli_decoding_static_writes_the_same_samples(eos_prone_dir, tmp_path):
 
     records = {}
     for decoding in ("eager", "static"):
-        records[decoding] = main(Config(checkpoint=str(eos_prone_dir), dataset=str(tiny.SFT_DIR), num_samples=6, batch_size=4, device="cpu", decoding=decoding))
+        records[decoding] = main(
+            Config(
+                checkpoint=str(eos_prone_dir),
+                dataset=str(tiny.SFT_DIR),
+                num_samples=6,
+                batch_size=4,
+                device="cpu",
+                decoding=decoding,
+            )
+        )
     assert records["static"] == records["eager"]
     with pytest.raises(InputError, match="cuda_graph needs a CUDA device"):  # the option does reach generate
-        main(Config(checkpoint=str(eos_prone_dir), dataset=str(tiny.SFT_DIR), num_samples=2, device="cpu", decoding="cuda_graph"))
+        main(
+            Config(
+                checkpoint=str(eos_prone_dir),
+                dataset=str(tiny.SFT_DIR),
+                num_samples=2,
+                device="cpu",
+                decoding="cuda_graph",
+            )
+        )
     assert any(r["has_eos"] for r in records["eager"]) and any(len(r["response_token"]) > 1 for r in records["eager"])
 
 
@@ -270,5 +339,9 @@ def test_query_tokens_without_a_length_column_are_what_follows_the_left_padding(
     """A processed row without `query_token_len`: the query starts after the leading padding, and
     a padding id inside it (a dataset whose pad id is also a real token, e.g. pad == EOS) stays."""
     pad = tokenizer.pad_token_id
-    rows = [{"query_token": [pad, pad, 5, pad, 7]}, {"query_token": [3, 4, 5]}, {"query_token": [pad, 6], "query_token_len": 1}]
+    rows = [
+        {"query_token": [pad, pad, 5, pad, 7]},
+        {"query_token": [3, 4, 5]},
+        {"query_token": [pad, 6], "query_token_len": 1},
+    ]
     assert query_tokens_of(rows, tokenizer, query_length=512) == [[5, pad, 7], [3, 4, 5], [6]]

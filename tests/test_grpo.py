@@ -33,7 +33,9 @@ grpo = load_script("grpo")
 
 def test_grpo_advantages_have_mean_zero_and_unit_std_in_every_group():
     g = torch.Generator().manual_seed(0)
-    returns = torch.randn(5 * 8, generator=g, dtype=torch.float64) * torch.arange(1, 41, dtype=torch.float64)  # groups of different spread
+    returns = torch.randn(5 * 8, generator=g, dtype=torch.float64) * torch.arange(
+        1, 41, dtype=torch.float64
+    )  # groups of different spread
     advantages = grpo.group_advantages(returns, 8, "grpo", eps=0.0).view(5, 8)
     torch.testing.assert_close(advantages.mean(1), torch.zeros(5, dtype=torch.float64), atol=1e-12, rtol=0)
     torch.testing.assert_close(advantages.std(1), torch.ones(5, dtype=torch.float64), atol=1e-12, rtol=0)
@@ -98,9 +100,19 @@ def group_rollout(tiny_model_dir, tokenizer):
         return (query_responses[:, -12:] % 7).float().mean(1)  # any score that differs within a group
 
     batch = rollout(
-        policy, ref_policy, score_fn, queries.repeat_interleave(4, 0), query_mask.repeat_interleave(4, 0), tokenizer, response_length=12,
-        temperature=0.7, no_eos_score=-1.0, generation_batch_size=16, forward_batch_size=5, generator=torch.Generator().manual_seed(0),
-    )  # fmt: skip
+        policy,
+        ref_policy,
+        score_fn,
+        queries.repeat_interleave(4, 0),
+        query_mask.repeat_interleave(4, 0),
+        tokenizer,
+        response_length=12,
+        temperature=0.7,
+        no_eos_score=-1.0,
+        generation_batch_size=16,
+        forward_batch_size=5,
+        generator=torch.Generator().manual_seed(0),
+    )
     return {"policy": policy, "batch": batch, "query_lengths": torch.tensor(lengths).repeat_interleave(4)}
 
 
@@ -113,13 +125,41 @@ def test_first_epoch_ratio_is_one_and_k3_is_zero_against_itself(group_rollout, k
     batch = group_rollout["batch"]
     runtime = setup_runtime("cpu", "fp32")
     # one minibatch of 4 micro-batches of 4 (the rollout's forward chunks were 5)
-    cfg = grpo.Config(group_size=4, batch_size=16, micro_batch_size=4, update_epochs=2, kl_in=kl_in, temperature=0.7, lr=1e-2, grad_clip=0.0)
+    cfg = grpo.Config(
+        group_size=4,
+        batch_size=16,
+        micro_batch_size=4,
+        update_epochs=2,
+        kl_in=kl_in,
+        temperature=0.7,
+        lr=1e-2,
+        grad_clip=0.0,
+    )
     returns, _, _ = grpo.sequence_returns(batch, cfg)
     advantages = grpo.group_advantages(returns, 4, "grpo")
     assert advantages.abs().max() > 0
-    optimizer = make_optimizer(list(policy.parameters()), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-5, kind="adamw", device=runtime.device)
-    stats = grpo.grpo_update(distribute(policy, response_logits, runtime), optimizer, list(policy.parameters()), batch, advantages,
-                             group_rollout["query_lengths"], cfg, runtime, torch.Generator().manual_seed(1), 0, tmp_path)  # fmt: skip
+    optimizer = make_optimizer(
+        list(policy.parameters()),
+        lr=cfg.lr,
+        betas=(0.9, 0.999),
+        weight_decay=0.0,
+        eps=1e-5,
+        kind="adamw",
+        device=runtime.device,
+    )
+    stats = grpo.grpo_update(
+        distribute(policy, response_logits, runtime),
+        optimizer,
+        list(policy.parameters()),
+        batch,
+        advantages,
+        group_rollout["query_lengths"],
+        cfg,
+        runtime,
+        torch.Generator().manual_seed(1),
+        0,
+        tmp_path,
+    )
     first, second = stats["ratio"][:4], stats["ratio"][4:]
     assert (first - 1).abs().max() < 1e-5
     assert stats["approxkl"][:4].max() < 1e-10 and stats["clipfrac"][:4].max() == 0
@@ -149,11 +189,27 @@ def test_grpo_learns_a_rule_based_reward(tmp_path, tokenizer, advantage, kl_in):
         return hits / real.sum(1).clamp(min=1)
 
     cfg = grpo.Config(
-        sft_path=str(tmp_path / "policy"), reward_path="unused", dataset=str(short_query_dataset(tokenizer, tmp_path / "data")),
-        output_dir=str(tmp_path / "out"), advantage=advantage, kl_in=kl_in, group_size=4, total_episodes=16 * 40, batch_size=16,
-        micro_batch_size=16, forward_batch_size=16, generation_batch_size=16, lr=3e-3, response_length=R, no_eos_score=0.0,
-        device="cpu", precision="fp32", seed=seed, save_interval=1000, sample_interval=1000,
-    )  # fmt: skip
+        sft_path=str(tmp_path / "policy"),
+        reward_path="unused",
+        dataset=str(short_query_dataset(tokenizer, tmp_path / "data")),
+        output_dir=str(tmp_path / "out"),
+        advantage=advantage,
+        kl_in=kl_in,
+        group_size=4,
+        total_episodes=16 * 40,
+        batch_size=16,
+        micro_batch_size=16,
+        forward_batch_size=16,
+        generation_batch_size=16,
+        lr=3e-3,
+        response_length=R,
+        no_eos_score=0.0,
+        device="cpu",
+        precision="fp32",
+        seed=seed,
+        save_interval=1000,
+        sample_interval=1000,
+    )
     grpo.main(cfg, score_fn=rule)
     records = read_metrics(tmp_path / "out" / "metrics.jsonl")
     assert len(records) == 40
@@ -168,10 +224,23 @@ def test_grpo_learns_a_rule_based_reward(tmp_path, tokenizer, advantage, kl_in):
 
 
 N_PLUS_METRICS = [
-    "objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward", "objective/scores",
-    "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "policy/entropy_avg", "val/ratio", "val/ratio_var",
-    "val/num_eos_tokens", "lr", "episode", "response_length", "no_eos_share",
-]  # fmt: skip
+    "objective/kl",
+    "objective/entropy",
+    "objective/non_score_reward",
+    "objective/rlhf_reward",
+    "objective/scores",
+    "policy/approxkl_avg",
+    "policy/clipfrac_avg",
+    "loss/policy_avg",
+    "policy/entropy_avg",
+    "val/ratio",
+    "val/ratio_var",
+    "val/num_eos_tokens",
+    "lr",
+    "episode",
+    "response_length",
+    "no_eos_share",
+]
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +249,18 @@ def grpo_runs(sft_smoke_dir, reward_smoke_dir, tmp_path_factory):
     checkpoint 6 and resumed) output directories."""
     root = tmp_path_factory.mktemp("grpo")
     a, b = root / "a", root / "b"
-    args = ["--preset", "smoke", "--sft-path", sft_smoke_dir, "--reward-path", reward_smoke_dir, "--total-episodes", 16 * 12, "--save-interval", 3]
+    args = [
+        "--preset",
+        "smoke",
+        "--sft-path",
+        sft_smoke_dir,
+        "--reward-path",
+        reward_smoke_dir,
+        "--total-episodes",
+        16 * 12,
+        "--save-interval",
+        3,
+    ]
     resumed_from = run_killed_and_uninterrupted("grpo.py", args, a, b, kill_at=6)
     assert 6 <= resumed_from < 12
     return a, b

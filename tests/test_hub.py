@@ -46,18 +46,39 @@ def jsonl(path: Path) -> list[dict]:
 
 def seed_sources(hub: LocalHub) -> None:
     sft = hub.add_repo("dataset", SFT_SOURCE)
-    readme = "---\nconfigs:\n- config_name: default\n  data_files:\n" + "".join(f"  - split: {s}\n    path: data/{s}-*\n" for s in ("train", "validation", "test")) + "---\n"
-    sft.commit("main", {"README.md": readme.encode(), **{f"data/{s}-00000-of-00001.parquet": parquet(jsonl(tiny.SFT_DIR / f"{s}.jsonl"), SFT_FEATURES) for s in ("train", "validation", "test")}})
+    readme = (
+        "---\nconfigs:\n- config_name: default\n  data_files:\n"
+        + "".join(f"  - split: {s}\n    path: data/{s}-*\n" for s in ("train", "validation", "test"))
+        + "---\n"
+    )
+    sft.commit(
+        "main",
+        {
+            "README.md": readme.encode(),
+            **{
+                f"data/{s}-00000-of-00001.parquet": parquet(jsonl(tiny.SFT_DIR / f"{s}.jsonl"), SFT_FEATURES)
+                for s in ("train", "validation", "test")
+            },
+        },
+    )
 
     comparisons = hub.add_repo("dataset", COMPARISON_SOURCE)
-    comparisons.commit("main", {"summarize_from_feedback.py": b"import datasets  # a loading script: never run\n", "README.md": b"---\nlicense: mit\n---\n"})
+    comparisons.commit(
+        "main",
+        {
+            "summarize_from_feedback.py": b"import datasets  # a loading script: never run\n",
+            "README.md": b"---\nlicense: mit\n---\n",
+        },
+    )
     rows = jsonl(tiny.COMPARISONS_FILE)
     axis = [{"info": {"id": "axis-0"}, "summary": {"text": " an axis row"}}]  # another config, another schema
     comparisons.commit(
         "refs/convert/parquet",  # the parquet-converter's layout: CONFIG/SPLIT/NNNN.parquet, no README
         {
             "comparisons/train/0000.parquet": parquet([r for r in rows if r["split"] == "train"], COMPARISON_FEATURES),
-            "comparisons/validation/0000.parquet": parquet([r for r in rows if r["split"] != "train"], COMPARISON_FEATURES),
+            "comparisons/validation/0000.parquet": parquet(
+                [r for r in rows if r["split"] != "train"], COMPARISON_FEATURES
+            ),
             "axis/test/0000.parquet": parquet(axis),
             "axis/validation/0000.parquet": parquet(axis),
         },
@@ -94,7 +115,14 @@ def hub_env(hub: LocalHub, home: Path, token: str | None = TOKEN) -> dict:
 
 def run(hub: LocalHub, tmp: Path, *args, token: str | None = TOKEN, timeout: int = 600) -> subprocess.CompletedProcess:
     """`python ARGS` in the repo root against the server; the token appears in neither stream."""
-    result = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=hub_env(hub, tmp / "hf_home", token), capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, *map(str, args)],
+        cwd=REPO,
+        env=hub_env(hub, tmp / "hf_home", token),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert TOKEN not in result.stdout + result.stderr
     return result
 
@@ -144,23 +172,50 @@ def pushed_datasets(hub, model_tokenizer, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pushed_datasets")
     args = ["--tokenizer", model_tokenizer, "--output-dir"]
     sft = run(hub, tmp, "-m", f"{PKG}.process_sft_dataset", *args, tmp / "sft", "--push-to-hub", f"{USER}/tldr-sft")
-    comparisons = run(hub, tmp, "-m", f"{PKG}.process_comparison_dataset", *args, tmp / "comparisons", "--push-to-hub", f"{USER}/tldr-comparisons")
+    comparisons = run(
+        hub,
+        tmp,
+        "-m",
+        f"{PKG}.process_comparison_dataset",
+        *args,
+        tmp / "comparisons",
+        "--push-to-hub",
+        f"{USER}/tldr-comparisons",
+    )
     return tmp, ok(sft), ok(comparisons)
 
 
-def test_source_datasets_load_by_their_default_names_as_the_local_fixtures_do(hub, pushed_datasets, model_tokenizer, tmp_path):
+def test_source_datasets_load_by_their_default_names_as_the_local_fixtures_do(
+    hub, pushed_datasets, model_tokenizer, tmp_path
+):
     tmp, _, _ = pushed_datasets
-    assert f"GET /api/datasets/{COMPARISON_SOURCE}/revision/refs%2Fconvert%2Fparquet 200" in hub.log  # the export, not the script
+    assert (
+        f"GET /api/datasets/{COMPARISON_SOURCE}/revision/refs%2Fconvert%2Fparquet 200" in hub.log
+    )  # the export, not the script
     local_args = {
         "process_sft_dataset": ["--dataset", tiny.SFT_DIR],
         "process_comparison_dataset": ["--dataset", tiny.COMPARISONS_FILE],
     }
     for (script, args), name in zip(local_args.items(), ("sft", "comparisons")):
-        ok(run(hub, tmp_path, "-m", f"{PKG}.{script}", *args, "--tokenizer", model_tokenizer, "--output-dir", tmp_path / name))
+        ok(
+            run(
+                hub,
+                tmp_path,
+                "-m",
+                f"{PKG}.{script}",
+                *args,
+                "--tokenizer",
+                model_tokenizer,
+                "--output-dir",
+                tmp_path / name,
+            )
+        )
         from_hub, from_files = datasets.load_from_disk(str(tmp / name)), datasets.load_from_disk(str(tmp_path / name))
         assert sorted(from_hub) == sorted(from_files)
         for split in from_hub:
-            assert from_hub[split].to_list() == from_files[split].to_list(), f"{name}/{split} differs between the Hub source and the fixture files"
+            assert from_hub[split].to_list() == from_files[split].to_list(), (
+                f"{name}/{split} differs between the Hub source and the fixture files"
+            )
 
 
 def test_processed_datasets_and_their_cards_are_pushed(hub, pushed_datasets):
@@ -168,9 +223,13 @@ def test_processed_datasets_and_their_cards_are_pushed(hub, pushed_datasets):
     for name, title in (("sft", "# TL;DR SFT dataset"), ("comparisons", "# TL;DR preference dataset")):
         local = datasets.load_from_disk(str(tmp / name))
         files = hub.files("dataset", f"{USER}/tldr-{name}")
-        assert set(files) == {".gitattributes", "README.md"} | {f"data/{split}-00000-of-00001.parquet" for split in local}
+        assert set(files) == {".gitattributes", "README.md"} | {
+            f"data/{split}-00000-of-00001.parquet" for split in local
+        }
         for split in local:
-            assert hub_rows(hub, f"{USER}/tldr-{name}", f"data/{split}-00000-of-00001.parquet") == local[split].to_list()
+            assert (
+                hub_rows(hub, f"{USER}/tldr-{name}", f"data/{split}-00000-of-00001.parquet") == local[split].to_list()
+            )
         card = files["README.md"].decode()
         assert title in card and "## Processing report" in card and "- rlhf" in card  # our card ...
         assert "configs:" in card and "dataset_info:" in card  # ... and the metadata `datasets` wrote beside it
@@ -201,17 +260,71 @@ print(json.dumps({
 @pytest.mark.slow
 def test_stages_train_on_pushed_datasets_push_their_models_and_load_back(hub, pushed_datasets, tmp_path):
     short = ["--preset", "smoke", "--max-steps", "4", "--eval-interval", "2", "--num-eval-samples", "2"]
-    ok(run(hub, tmp_path, "sft.py", *short, "--dataset", f"{USER}/tldr-sft", "--output-dir", tmp_path / "sft", "--push-to-hub", f"{USER}/sft-smoke"))
-    ok(run(hub, tmp_path, "reward.py", *short[:-2], "--sft-path", tmp_path / "sft", "--dataset", f"{USER}/tldr-comparisons", "--sft-dataset", f"{USER}/tldr-sft",
-           "--num-norm-rows", "16", "--output-dir", tmp_path / "reward", "--push-to-hub", f"{USER}/reward-smoke"))  # fmt: skip
-    ok(run(hub, tmp_path, "ppo.py", "--preset", "smoke", "--sft-path", tmp_path / "sft", "--reward-path", tmp_path / "reward", "--dataset", f"{USER}/tldr-sft",
-           "--total-episodes", "32", "--output-dir", tmp_path / "ppo", "--push-to-hub", f"{USER}/ppo-smoke"))  # fmt: skip
+    ok(
+        run(
+            hub,
+            tmp_path,
+            "sft.py",
+            *short,
+            "--dataset",
+            f"{USER}/tldr-sft",
+            "--output-dir",
+            tmp_path / "sft",
+            "--push-to-hub",
+            f"{USER}/sft-smoke",
+        )
+    )
+    ok(
+        run(
+            hub,
+            tmp_path,
+            "reward.py",
+            *short[:-2],
+            "--sft-path",
+            tmp_path / "sft",
+            "--dataset",
+            f"{USER}/tldr-comparisons",
+            "--sft-dataset",
+            f"{USER}/tldr-sft",
+            "--num-norm-rows",
+            "16",
+            "--output-dir",
+            tmp_path / "reward",
+            "--push-to-hub",
+            f"{USER}/reward-smoke",
+        )
+    )
+    ok(
+        run(
+            hub,
+            tmp_path,
+            "ppo.py",
+            "--preset",
+            "smoke",
+            "--sft-path",
+            tmp_path / "sft",
+            "--reward-path",
+            tmp_path / "reward",
+            "--dataset",
+            f"{USER}/tldr-sft",
+            "--total-episodes",
+            "32",
+            "--output-dir",
+            tmp_path / "ppo",
+            "--push-to-hub",
+            f"{USER}/ppo-smoke",
+        )
+    )
     for stage, kind in (("sft", "policy"), ("reward", "reward"), ("ppo", "policy")):
         repo_id, out = f"{USER}/{stage}-smoke", tmp_path / stage
         files = hub.files("model", repo_id)
         assert {"README.md", "config.json", "model.safetensors", "tokenizer.json"} <= set(files)
-        assert not [p for p in files if p.startswith(("checkpoints/", "tiny-init/", ".export")) or p.endswith((".pt", ".bin"))], sorted(files)
-        assert (out / "report.md").read_text().strip() in files["README.md"].decode()  # the run's report is the model card
+        assert not [
+            p for p in files if p.startswith(("checkpoints/", "tiny-init/", ".export")) or p.endswith((".pt", ".bin"))
+        ], sorted(files)
+        assert (out / "report.md").read_text().strip() in files[
+            "README.md"
+        ].decode()  # the run's report is the model card
         reloaded = json.loads(ok(run(hub, tmp_path, "-c", RELOAD, kind, repo_id, out)).stdout.splitlines()[-1])
         assert reloaded["same_weights"] and reloaded["same_logits"] and reloaded["pad_is_not_eos"], (stage, reloaded)
         if kind == "reward":  # the normalising offset travels in config.json (plain logits + score_bias = our score)
@@ -245,9 +358,13 @@ def test_a_push_that_cannot_succeed_stops_before_the_work(hub, tmp_path, token, 
 
 
 def test_loading_with_a_rejected_token_or_a_missing_dataset_is_one_line(hub, tmp_path):
-    rejected = run(hub, tmp_path, *PUSH_SFT_DATASET, "--output-dir", tmp_path / "a", token="hf_RejectedToken000000000000000000")
+    rejected = run(
+        hub, tmp_path, *PUSH_SFT_DATASET, "--output-dir", tmp_path / "a", token="hf_RejectedToken000000000000000000"
+    )
     assert_one_line_error(rejected, SFT_SOURCE, "401", "HF_TOKEN")
-    missing = run(hub, tmp_path, *PUSH_SFT_DATASET, "--dataset", f"{USER}/no-such-dataset", "--output-dir", tmp_path / "b")
+    missing = run(
+        hub, tmp_path, *PUSH_SFT_DATASET, "--dataset", f"{USER}/no-such-dataset", "--output-dir", tmp_path / "b"
+    )
     assert_one_line_error(missing, f"{USER}/no-such-dataset", "check the name")
 
 
@@ -260,7 +377,9 @@ def test_a_taken_name_fails_at_the_push_with_the_local_dataset_intact(hub, tmp_p
     assert_no_token_in(tmp_path)
 
 
-@pytest.mark.parametrize("die_on", [pytest.param("lfs", marks=pytest.mark.slow), "commit"])  # lfs: huggingface_hub retries for 23 s first
+@pytest.mark.parametrize(
+    "die_on", [pytest.param("lfs", marks=pytest.mark.slow), "commit"]
+)  # lfs: huggingface_hub retries for 23 s first
 def test_the_hub_going_away_mid_upload_leaves_the_local_dataset_intact(tmp_path, die_on):
     server = LocalHub({TOKEN: USER})
     seed_sources(server)
@@ -281,8 +400,34 @@ def test_the_hub_going_away_while_a_stage_pushes_leaves_its_model_intact(tmp_pat
     server = LocalHub({TOKEN: USER})
     server.die_on = "commit"
     out = tmp_path / "sft"
-    result = run(server, tmp_path, "sft.py", "--preset", "smoke", "--max-steps", "2", "--eval-interval", "2", "--num-eval-samples", "2", "--output-dir", out, "--push-to-hub", f"{USER}/sft-smoke")
+    result = run(
+        server,
+        tmp_path,
+        "sft.py",
+        "--preset",
+        "smoke",
+        "--max-steps",
+        "2",
+        "--eval-interval",
+        "2",
+        "--num-eval-samples",
+        "2",
+        "--output-dir",
+        out,
+        "--push-to-hub",
+        f"{USER}/sft-smoke",
+    )
     assert_one_line_error(result, f"{USER}/sft-smoke", "cannot reach the Hub")
-    ok(subprocess.run([sys.executable, "-c", f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({str(out)!r})"], capture_output=True, text=True))
+    ok(
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({str(out)!r})",
+            ],
+            capture_output=True,
+            text=True,
+        )
+    )
     assert (out / "report.md").exists() and list((out / "checkpoints").glob("step_*"))
     assert_no_token_in(tmp_path)

@@ -14,7 +14,10 @@ from .fake_judge import FakeJudge, summaries_of
 def items(n, good_first=True, tag=""):
     """(post, first, second) triples; the first summary (or the second) says GOOD."""
     good, plain = f"a GOOD summary {tag}".strip(), "a plain summary"
-    return [(f"post {i} {tag}".strip(), f"{i}: {good if good_first else plain}", f"{i}: {plain if good_first else good}") for i in range(n)]
+    return [
+        (f"post {i} {tag}".strip(), f"{i}: {good if good_first else plain}", f"{i}: {plain if good_first else good}")
+        for i in range(n)
+    ]
 
 
 def judge(server, tmp_path, **kwargs):
@@ -104,7 +107,9 @@ def test_persistent_server_error_gives_up_after_max_retries(tmp_path):
 def test_unreachable_judge_is_a_judge_error(tmp_path):
     with FakeJudge() as server:
         url = server.url
-    j = Judge(url, "fake", tmp_path / "cache.jsonl", max_retries=1, backoff_s=0.01, timeout_s=5)  # server closed: connection refused
+    j = Judge(
+        url, "fake", tmp_path / "cache.jsonl", max_retries=1, backoff_s=0.01, timeout_s=5
+    )  # server closed: connection refused
     with pytest.raises(JudgeError, match="failed 2 times"):
         j.ask("a prompt")
 
@@ -112,7 +117,9 @@ def test_unreachable_judge_is_a_judge_error(tmp_path):
 def test_url_with_or_without_the_chat_completions_path(tmp_path):
     with FakeJudge() as server:
         for url in (server.url, server.url + "/", server.url + "/chat/completions"):
-            Judge(url, "fake", tmp_path / f"{len(url)}.jsonl").ask("### Summary A:\nx\n### Summary B:\ny\n### Instructions:")
+            Judge(url, "fake", tmp_path / f"{len(url)}.jsonl").ask(
+                "### Summary A:\nx\n### Summary B:\ny\n### Instructions:"
+            )
         assert [s["path"] for s in server.seen] == ["/v1/chat/completions"] * 3
         assert {s["body"]["model"] for s in server.seen} == {"fake"}
 
@@ -166,7 +173,9 @@ def test_api_key_is_sent_as_a_bearer_header_from_the_named_variable(tmp_path, mo
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with FakeJudge() as server:
         for name, env in (("a", "JUDGE_TEST_KEY"), ("b", "UNSET_JUDGE_TEST_KEY")):
-            Judge(server.url, "fake", tmp_path / f"{name}.jsonl", api_key_env=env).ask("### Summary A:\nx\n### Summary B:\ny\n### Instructions:")
+            Judge(server.url, "fake", tmp_path / f"{name}.jsonl", api_key_env=env).ask(
+                "### Summary A:\nx\n### Summary B:\ny\n### Instructions:"
+            )
     assert [s["authorization"] for s in server.seen] == ["Bearer sk-fake-123", None]
 
 

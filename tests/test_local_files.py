@@ -49,7 +49,9 @@ def test_a_directory_file_decides_the_split_of_its_rows(tmp_path, tokenizer):
     write_jsonl(tmp_path / "data" / "train.jsonl", rows[:60])
     write_jsonl(tmp_path / "data" / "validation.jsonl", rows[60:])
     report = Report()
-    out = process_comparisons(load_raw(str(tmp_path / "data")), tokenizer, LENGTHS, long_response="truncate", report=report)
+    out = process_comparisons(
+        load_raw(str(tmp_path / "data")), tokenizer, LENGTHS, long_response="truncate", report=report
+    )
     assert sorted(out) == ["train", "validation"]
     assert out["train"]["id"] == [r["info"]["id"] for r in rows[:60]]
     assert out["validation"]["id"] == [r["info"]["id"] for r in rows[60:]]
@@ -81,7 +83,10 @@ def test_a_value_of_the_wrong_type_names_its_file_line_and_field(tmp_path):
     rows = real_rows("comparisons.jsonl", 5)
     rows[3]["extra"]["confidence"] = "very sure"
     path = write_jsonl(tmp_path / "comparisons.jsonl", rows)
-    with pytest.raises(InputError, match=r"comparisons.jsonl line 4: row oai1b-0003: field 'extra.confidence' is str, expected an integer"):
+    with pytest.raises(
+        InputError,
+        match=r"comparisons.jsonl line 4: row oai1b-0003: field 'extra.confidence' is str, expected an integer",
+    ):
         load_raw(str(path), features=COMPARISON_FEATURES)
 
 
@@ -115,10 +120,23 @@ def test_processing_cli_on_release_shaped_files_writes_both_splits(tmp_path):
     from dgx_spark_summary_from_human_feedback import tiny
 
     result = subprocess.run(
-        [sys.executable, "-m", f"{PKG}.process_comparison_dataset", "--dataset", str(tmp_path / "data"), "--tokenizer", str(tiny.TOKENIZER_DIR),
-         "--output-dir", str(tmp_path / "out"), "--long-response", "truncate"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            f"{PKG}.process_comparison_dataset",
+            "--dataset",
+            str(tmp_path / "data"),
+            "--tokenizer",
+            str(tiny.TOKENIZER_DIR),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--long-response",
+            "truncate",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     saved = datasets.load_from_disk(str(tmp_path / "out"))
     assert len(saved["train"]) == 60 and len(saved["validation"]) == 40

@@ -18,7 +18,12 @@ from dgx_spark_summary_from_human_feedback.training import make_optimizer, micro
 
 from .conftest import REPO
 
-COLUMNS = ["query_reference_response_token", "query_reference_response_token_len", "reference_response_token_len", "query_token_len"]
+COLUMNS = [
+    "query_reference_response_token",
+    "query_reference_response_token_len",
+    "reference_response_token_len",
+    "query_token_len",
+]
 
 
 def load_sft_script():
@@ -187,7 +192,11 @@ def test_sft_batch_labels_only_the_response_and_keep_its_eos(sft_rows, tokenizer
     ids, mask, labels = sft.sft_batch(rows, train_on_query=False, device="cpu")
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     assert pad != eos
-    lengths, r_lengths, q_lengths = rows["query_reference_response_token_len"], rows["reference_response_token_len"], rows["query_token_len"]
+    lengths, r_lengths, q_lengths = (
+        rows["query_reference_response_token_len"],
+        rows["reference_response_token_len"],
+        rows["query_token_len"],
+    )
     assert ids.shape[1] == int(lengths.max())  # trimmed to the longest row
     for i in range(6):
         L, q = int(lengths[i]), int(q_lengths[i])
@@ -227,9 +236,17 @@ def test_gradient_accumulation_matches_one_big_batch(model, sft_rows):
     for (name, p1), p2 in zip(one.named_parameters(), two.parameters()):
         assert (p1.grad - p2.grad).norm() <= 1e-6 * p1.grad.norm() + 1e-12, name
     optimizers = [
-        make_optimizer(list(m.parameters()), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, eps=1e-8, kind="adamw", device=torch.device("cpu"))
+        make_optimizer(
+            list(m.parameters()),
+            lr=1e-3,
+            betas=(0.9, 0.95),
+            weight_decay=0.1,
+            eps=1e-8,
+            kind="adamw",
+            device=torch.device("cpu"),
+        )
         for m in (one, two)
-    ]  # fmt: skip
+    ]
     for m, opt in zip((one, two), optimizers):
         torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
         opt.step()

@@ -16,13 +16,26 @@ from .conftest import REAL_SAMPLE, REPO, needs_real_sample
 from .fake_judge import FakeJudge, prefer
 
 PKG = "dgx_spark_summary_from_human_feedback"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "200"}
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "WANDB_MODE": "disabled",
+    "TOKENIZERS_PARALLELISM": "false",
+    "COLUMNS": "200",
+}
 # "0.500 [0.150, 0.850] (n=6, unparseable=0)": every win rate in evaluate's report
 WIN_RATE = r"(\d\.\d{3}) \[(\d\.\d{3}), (\d\.\d{3})\] \(n=(\d+), unparseable=(\d+)\)"
 
 
 def run_module(module, *args, env=ENV, timeout=600):
-    return subprocess.run([sys.executable, "-m", f"{PKG}.{module}", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", f"{PKG}.{module}", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def read_jsonl(path):
@@ -32,7 +45,9 @@ def read_jsonl(path):
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline")
-    result = run_module("pipeline", "--preset", "smoke", "--output-dir", str(out), timeout=1200)  # ~4 min alone on 2 cores; CI machines are shared
+    result = run_module(
+        "pipeline", "--preset", "smoke", "--output-dir", str(out), timeout=1200
+    )  # ~4 min alone on 2 cores; CI machines are shared
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -42,7 +57,15 @@ def pipeline_dir(tmp_path_factory):
 
 @pytest.mark.slow
 def test_smoke_pipeline_runs_every_stage_and_writes_one_report(pipeline_dir):
-    for rel in ("sft/config.json", "reward/config.json", "ppo/config.json", "dpo/config.json", "grpo/config.json", "eval/report.md", "eval/samples.jsonl"):
+    for rel in (
+        "sft/config.json",
+        "reward/config.json",
+        "ppo/config.json",
+        "dpo/config.json",
+        "grpo/config.json",
+        "eval/report.md",
+        "eval/samples.jsonl",
+    ):
         assert (pipeline_dir / rel).stat().st_size > 0, rel
     report = (pipeline_dir / "report.md").read_text()
     assert "SFT vs PPO" in report and "offline smoke run" in report
@@ -65,19 +88,27 @@ def test_smoke_pipeline_compares_every_method_with_ci_and_against_ppo(pipeline_d
     report = (pipeline_dir / "report.md").read_text()
     assert "## SFT vs PPO vs DPO vs GRPO" in report
     rate = r"(\d\.\d{3}) \[(\d\.\d{3}), (\d\.\d{3})\] n=(\d+)"
-    rows = {m: re.search(rf"^\| {m} \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (-?[\d.]+) \| {rate} \| (.*) \|$", report, re.M) for m in ("sft", "ppo", "dpo", "grpo")}
+    rows = {
+        m: re.search(rf"^\| {m} \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (-?[\d.]+) \| {rate} \| (.*) \|$", report, re.M)
+        for m in ("sft", "ppo", "dpo", "grpo")
+    }
     assert all(rows.values()), report
     samples = read_jsonl(pipeline_dir / "eval" / "samples.jsonl")
     by_policy = {m: [s for s in samples if s["policy"] == str(pipeline_dir / m)] for m in rows}
     for m, row in rows.items():
         assert int(row.group(8)) == 16
         assert float(row.group(6)) <= float(row.group(5)) <= float(row.group(7))
-        assert float(row.group(3)) == pytest.approx(sum(not s["has_eos"] for s in by_policy[m]) / 16, abs=1e-3)  # no-EOS share (printed to 3 places)
+        assert float(row.group(3)) == pytest.approx(
+            sum(not s["has_eos"] for s in by_policy[m]) / 16, abs=1e-3
+        )  # no-EOS share (printed to 3 places)
         versus = row.group(9)
         if m == "ppo":
             assert versus == "-"
             continue
-        wins = [1.0 if a["score"] > b["score"] else 0.5 if a["score"] == b["score"] else 0.0 for a, b in zip(by_policy[m], by_policy["ppo"])]
+        wins = [
+            1.0 if a["score"] > b["score"] else 0.5 if a["score"] == b["score"] else 0.0
+            for a, b in zip(by_policy[m], by_policy["ppo"])
+        ]
         assert [a["id"] for a in by_policy[m]] == [b["id"] for b in by_policy["ppo"]]  # the same posts
         assert float(re.match(rate, versus).group(1)) == pytest.approx(sum(wins) / 16, abs=1e-3)
     assert "- DPO: implicit-reward accuracy 0.000 ->" in report and "- GRPO: score" in report
@@ -92,10 +123,26 @@ def test_evaluate_with_a_judge_reports_it_and_reruns_from_the_cache(pipeline_dir
     env = {**ENV, "JUDGE_TEST_KEY": "sk-fake-123"}
     with FakeJudge() as server:
         args = [
-            "--policy", str(pipeline_dir / "sft"), "--policy", str(pipeline_dir / "ppo"), "--reward-path", str(pipeline_dir / "reward"),
-            "--dataset", str(tiny.SFT_DIR), "--num-samples", "6", "--judge-url", server.url, "--judge-model", "fake",
-            "--judge-api-key-env", "JUDGE_TEST_KEY", "--head-to-head", "--output-dir", str(out),
-        ]  # fmt: skip
+            "--policy",
+            str(pipeline_dir / "sft"),
+            "--policy",
+            str(pipeline_dir / "ppo"),
+            "--reward-path",
+            str(pipeline_dir / "reward"),
+            "--dataset",
+            str(tiny.SFT_DIR),
+            "--num-samples",
+            "6",
+            "--judge-url",
+            server.url,
+            "--judge-model",
+            "fake",
+            "--judge-api-key-env",
+            "JUDGE_TEST_KEY",
+            "--head-to-head",
+            "--output-dir",
+            str(out),
+        ]
         result = run_module("evaluate", *args, env=env)
         assert result.returncode == 0, result.stderr[-3000:]
         requests = server.count
@@ -109,12 +156,17 @@ def test_evaluate_with_a_judge_reports_it_and_reruns_from_the_cache(pipeline_dir
     assert (out / "report.md").read_text() == report
 
     # the judge and its prompt stand next to every LLM win rate, with n and a CI
-    judged = re.findall(rf"judge `fake` at `{re.escape(server.url)}` with the N\+ judge prompt \(below\), A/B order randomised \(seed 0\): {WIN_RATE}", report)
+    judged = re.findall(
+        rf"judge `fake` at `{re.escape(server.url)}` with the N\+ judge prompt \(below\), A/B order randomised \(seed 0\): {WIN_RATE}",
+        report,
+    )
     assert len(judged) == 3  # per policy vs reference, and head to head
     for rate, low, high, n, unparseable in judged:
         assert float(low) <= float(rate) <= float(high) and (int(n), int(unparseable)) == (6, 0)
     assert f"## Judge prompt\n\n```\n{JUDGE_PROMPT}\n```" in report
-    assert len(re.findall(rf"judge reward model `{re.escape(str(pipeline_dir / 'reward'))}`.*: {WIN_RATE}", report)) == 3
+    assert (
+        len(re.findall(rf"judge reward model `{re.escape(str(pipeline_dir / 'reward'))}`.*: {WIN_RATE}", report)) == 3
+    )
 
     # each recorded verdict is the fake judge's, mapped back through the A/B swap
     assert len(samples) == 12
@@ -139,8 +191,22 @@ def test_evaluate_judges_every_policy_head_to_head_against_ppo(pipeline_dir, tmp
     policies = [pipeline_dir / m for m in ("sft", "ppo", "dpo", "grpo")]
     with FakeJudge() as server:
         args = [a for p in policies for a in ("--policy", str(p))]
-        args += ["--head-to-head-against", str(pipeline_dir / "ppo"), "--reward-path", str(pipeline_dir / "reward"), "--dataset", str(tiny.SFT_DIR),
-                 "--num-samples", "4", "--judge-url", server.url, "--judge-model", "fake", "--output-dir", str(out)]  # fmt: skip
+        args += [
+            "--head-to-head-against",
+            str(pipeline_dir / "ppo"),
+            "--reward-path",
+            str(pipeline_dir / "reward"),
+            "--dataset",
+            str(tiny.SFT_DIR),
+            "--num-samples",
+            "4",
+            "--judge-url",
+            server.url,
+            "--judge-model",
+            "fake",
+            "--output-dir",
+            str(out),
+        ]
         result = run_module("evaluate", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     report = (out / "report.md").read_text()
@@ -152,7 +218,10 @@ def test_evaluate_judges_every_policy_head_to_head_against_ppo(pipeline_dir, tmp
         assert int(rm_line.group(4)) == 4 and int(llm_line.group(4)) + int(llm_line.group(5)) == 4
         samples = [s for s in read_jsonl(out / "samples.jsonl") if s["policy"] == str(pipeline_dir / m)]
         ppo_samples = [s for s in read_jsonl(out / "samples.jsonl") if s["policy"] == str(pipeline_dir / "ppo")]
-        wins = [1.0 if a["score"] > b["score"] else 0.5 if a["score"] == b["score"] else 0.0 for a, b in zip(samples, ppo_samples)]
+        wins = [
+            1.0 if a["score"] > b["score"] else 0.5 if a["score"] == b["score"] else 0.0
+            for a, b in zip(samples, ppo_samples)
+        ]
         assert float(rm_line.group(1)) == pytest.approx(sum(wins) / 4, abs=1e-3)
     assert f"`{pipeline_dir / 'ppo'}`, judge" not in section  # not against itself
 
@@ -165,7 +234,17 @@ def test_evaluate_judges_every_policy_head_to_head_against_ppo(pipeline_dir, tmp
 def test_evaluate_on_the_real_sample_without_a_judge(pipeline_dir, tmp_path):
     out = tmp_path / "eval"
     dataset = REAL_SAMPLE / "sft.jsonl"
-    result = run_module("evaluate", "--policy", str(pipeline_dir / "sft"), "--dataset", str(dataset), "--num-samples", "8", "--output-dir", str(out))
+    result = run_module(
+        "evaluate",
+        "--policy",
+        str(pipeline_dir / "sft"),
+        "--dataset",
+        str(dataset),
+        "--num-samples",
+        "8",
+        "--output-dir",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = (out / "report.md").read_text()
     assert f"8 posts of `{dataset}` (validation)" in report and "ROUGE-1 / 2 / L" in report
@@ -188,7 +267,9 @@ def test_evaluate_on_the_real_sample_without_a_judge(pipeline_dir, tmp_path):
     ],
 )
 def test_evaluate_bad_flags_are_one_line_errors(tmp_path, args, message):
-    result = run_module("evaluate", "--policy", str(tmp_path / "no_such_policy"), "--output-dir", str(tmp_path / "eval"), *args)
+    result = run_module(
+        "evaluate", "--policy", str(tmp_path / "no_such_policy"), "--output-dir", str(tmp_path / "eval"), *args
+    )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [f"error: {message}"]
@@ -198,8 +279,21 @@ def test_evaluate_bad_flags_are_one_line_errors(tmp_path, args, message):
 def test_evaluate_judge_rejecting_the_key_is_a_one_line_error(pipeline_dir, tmp_path):
     # Fails while JudgeError derives from RuntimeError: cli.run turns only InputError into one line
     with FakeJudge(always_fail=401) as server:
-        result = run_module("evaluate", "--policy", str(pipeline_dir / "sft"), "--dataset", str(tiny.SFT_DIR), "--num-samples", "2",
-                            "--judge-url", server.url, "--judge-model", "fake", "--output-dir", str(tmp_path / "eval"))  # fmt: skip
+        result = run_module(
+            "evaluate",
+            "--policy",
+            str(pipeline_dir / "sft"),
+            "--dataset",
+            str(tiny.SFT_DIR),
+            "--num-samples",
+            "2",
+            "--judge-url",
+            server.url,
+            "--judge-model",
+            "fake",
+            "--output-dir",
+            str(tmp_path / "eval"),
+        )
     assert server.count >= 1
     assert result.returncode == 1
     assert "Traceback" not in result.stderr

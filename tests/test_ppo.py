@@ -108,7 +108,9 @@ def test_kl_rewards_penalise_real_tokens_only_and_put_the_score_on_the_eos():
     expected[1, 2] += -1.25
     expected[2, 0] += 2.0
     torch.testing.assert_close(rewards, expected)
-    torch.testing.assert_close(non_score_rewards, -0.1 * (logprobs - ref_logprobs) * mask)  # the penalty alone, no score
+    torch.testing.assert_close(
+        non_score_rewards, -0.1 * (logprobs - ref_logprobs) * mask
+    )  # the penalty alone, no score
 
 
 def test_masked_whiten_ignores_padding_and_normalises_real_tokens():
@@ -147,16 +149,39 @@ def rollout(tiny_model_dir, tokenizer):
     for i, n in enumerate(lengths):
         queries[i, T - n :] = torch.randint(1, tokenizer.pad_token_id, (n,), generator=g)  # no EOS, no [PAD]
         query_mask[i, T - n :] = 1
-    cfg = ppo.Config(response_length=12, generation_batch_size=6, forward_batch_size=4, micro_batch_size=3, temperature=0.7)
+    cfg = ppo.Config(
+        response_length=12, generation_batch_size=6, forward_batch_size=4, micro_batch_size=3, temperature=0.7
+    )
     calls = []
 
     def score_fn(query_responses, attention_mask):
         calls.append(attention_mask.clone())
         return torch.full((len(query_responses),), SCORE)
 
-    settings = {k: getattr(cfg, k) for k in ("response_length", "temperature", "no_eos_score", "generation_batch_size", "forward_batch_size")}
-    batch = sample_rollout(policy, ref_policy, score_fn, queries, query_mask, tokenizer, value_model=value_model, generator=torch.Generator().manual_seed(0), **settings)
-    return {"batch": batch, "policy": policy, "value_model": value_model, "queries": queries, "query_mask": query_mask, "cfg": cfg, "score_calls": calls}
+    settings = {
+        k: getattr(cfg, k)
+        for k in ("response_length", "temperature", "no_eos_score", "generation_batch_size", "forward_batch_size")
+    }
+    batch = sample_rollout(
+        policy,
+        ref_policy,
+        score_fn,
+        queries,
+        query_mask,
+        tokenizer,
+        value_model=value_model,
+        generator=torch.Generator().manual_seed(0),
+        **settings,
+    )
+    return {
+        "batch": batch,
+        "policy": policy,
+        "value_model": value_model,
+        "queries": queries,
+        "query_mask": query_mask,
+        "cfg": cfg,
+        "score_calls": calls,
+    }
 
 
 def test_rollout_samples_rows_with_and_without_eos(rollout):
@@ -229,19 +254,44 @@ def test_first_minibatch_ratio_is_one(rollout, tmp_path):
     rollout's forward batches, shuffled minibatches) every ratio of the first minibatch of the
     first epoch is 1 (N+ detail 19); after that minibatch's optimizer step the next one's is not."""
     batch = rollout["batch"]
-    cfg = dataclasses.replace(rollout["cfg"], batch_size=10, num_minibatches=2, micro_batch_size=5, ppo_epochs=1, lr=1e-2)
-    policy, value_model = copy.deepcopy(rollout["policy"]), copy.deepcopy(rollout["value_model"])  # the fixture's stay untrained
+    cfg = dataclasses.replace(
+        rollout["cfg"], batch_size=10, num_minibatches=2, micro_batch_size=5, ppo_epochs=1, lr=1e-2
+    )
+    policy, value_model = (
+        copy.deepcopy(rollout["policy"]),
+        copy.deepcopy(rollout["value_model"]),
+    )  # the fixture's stay untrained
     runtime = setup_runtime("cpu", "fp32")
     adam = dict(lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-5, kind="adamw", device=runtime.device)
     models = ppo.Models(
-        policy=policy, value_model=value_model, ref_policy=None, score_fn=None,
-        policy_logits=distribute(policy, response_logits, runtime), value_fn=distribute(value_model, value_predictions, runtime),
-        policy_optimizer=make_optimizer(list(policy.parameters()), **adam), value_optimizer=make_optimizer(list(value_model.parameters()), **adam),
-    )  # fmt: skip
+        policy=policy,
+        value_model=value_model,
+        ref_policy=None,
+        score_fn=None,
+        policy_logits=distribute(policy, response_logits, runtime),
+        value_fn=distribute(value_model, value_predictions, runtime),
+        policy_optimizer=make_optimizer(list(policy.parameters()), **adam),
+        value_optimizer=make_optimizer(list(value_model.parameters()), **adam),
+    )
     advantages, returns, _, _ = ppo.rewards_and_advantages(batch, cfg)
-    stats = ppo.ppo_update(models, batch, advantages, returns, batch.query_mask.sum(1), cfg, runtime, torch.Generator().manual_seed(3), 0, tmp_path)
+    stats = ppo.ppo_update(
+        models,
+        batch,
+        advantages,
+        returns,
+        batch.query_mask.sum(1),
+        cfg,
+        runtime,
+        torch.Generator().manual_seed(3),
+        0,
+        tmp_path,
+    )
     assert len(stats["ratio"]) == 2  # two minibatches of one micro-batch each
-    assert abs(float(stats["ratio"][0]) - 1) < 1e-6 and float(stats["approxkl"][0]) < 1e-10 and float(stats["clipfrac"][0]) == 0
+    assert (
+        abs(float(stats["ratio"][0]) - 1) < 1e-6
+        and float(stats["approxkl"][0]) < 1e-10
+        and float(stats["clipfrac"][0]) == 0
+    )
     assert float(stats["approxkl"][1]) > 1e-6  # the first step moved the policy: the check above can fail
 
 
@@ -254,11 +304,27 @@ def test_ppo_losses_at_ratio_one_are_the_plain_surrogate(rollout):
     order = torch.randperm(len(batch.responses), generator=torch.Generator().manual_seed(3))
     for start in range(0, len(order), cfg.micro_batch_size):
         mb = order[start : start + cfg.micro_batch_size]
-        logits = response_logits(policy, batch.query_responses[mb], batch.attention_mask[mb], batch.context_length, cfg.temperature)
-        new_values = value_predictions(value_model, batch.query_responses[mb], batch.attention_mask[mb], batch.context_length)
+        logits = response_logits(
+            policy, batch.query_responses[mb], batch.attention_mask[mb], batch.context_length, cfg.temperature
+        )
+        new_values = value_predictions(
+            value_model, batch.query_responses[mb], batch.attention_mask[mb], batch.context_length
+        )
         mb_mask = batch.response_mask[mb]
         advantages = torch.randn(mb_mask.shape, generator=torch.Generator().manual_seed(start))
-        losses = ppo.ppo_losses(logits, new_values, batch.responses[mb], batch.logprobs[mb], batch.values[mb], advantages, advantages, mb_mask, mb_mask.sum(), 0.2, 0.2)
+        losses = ppo.ppo_losses(
+            logits,
+            new_values,
+            batch.responses[mb],
+            batch.logprobs[mb],
+            batch.values[mb],
+            advantages,
+            advantages,
+            mb_mask,
+            mb_mask.sum(),
+            0.2,
+            0.2,
+        )
         new_logprobs = logprobs_from_logits(logits, batch.responses[mb])
         ratio = torch.exp((new_logprobs - batch.logprobs[mb]) * mb_mask)
         assert (ratio - 1)[mb_mask.bool()].abs().max() < 1e-5
@@ -277,7 +343,12 @@ TARGET_IDS = 104  # the rule rewards response tokens with ids 1..103: about 1 in
 def short_query_dataset(tokenizer, out):
     """The fixture SFT train rows whose query is at most 125 tokens (no 512-token edge cases)."""
     rows = [line for line in (tiny.SFT_DIR / "train.jsonl").read_text().splitlines() if line.strip()]
-    short = [r for r in rows if len(encode(tokenizer, QUERY_FORMAT.format(**{k: json.loads(r)[k] for k in ("subreddit", "title", "post")}))) <= 125]
+    short = [
+        r
+        for r in rows
+        if len(encode(tokenizer, QUERY_FORMAT.format(**{k: json.loads(r)[k] for k in ("subreddit", "title", "post")})))
+        <= 125
+    ]
     assert len(short) >= 32
     out.mkdir()
     (out / "train.jsonl").write_text("\n".join(short) + "\n")
@@ -305,11 +376,24 @@ def test_ppo_learns_a_rule_based_reward(tmp_path, tokenizer, one_thread):
         return hits / real.sum(1).clamp(min=1)
 
     cfg = ppo.Config(
-        sft_path=str(tmp_path / "policy"), reward_path=str(tmp_path / "value"), dataset=str(short_query_dataset(tokenizer, tmp_path / "data")),
-        output_dir=str(tmp_path / "out"), total_episodes=16 * 40, batch_size=16, micro_batch_size=16, forward_batch_size=16,
-        generation_batch_size=16, lr=3e-3, response_length=R, no_eos_score=0.0, device="cpu", precision="fp32", seed=seed,
-        save_interval=1000, sample_interval=1000,
-    )  # fmt: skip
+        sft_path=str(tmp_path / "policy"),
+        reward_path=str(tmp_path / "value"),
+        dataset=str(short_query_dataset(tokenizer, tmp_path / "data")),
+        output_dir=str(tmp_path / "out"),
+        total_episodes=16 * 40,
+        batch_size=16,
+        micro_batch_size=16,
+        forward_batch_size=16,
+        generation_batch_size=16,
+        lr=3e-3,
+        response_length=R,
+        no_eos_score=0.0,
+        device="cpu",
+        precision="fp32",
+        seed=seed,
+        save_interval=1000,
+        sample_interval=1000,
+    )
     ppo.main(cfg, score_fn=rule)
     records = read_metrics(tmp_path / "out" / "metrics.jsonl")
     assert len(records) == 40
@@ -324,10 +408,23 @@ def test_ppo_learns_a_rule_based_reward(tmp_path, tokenizer, one_thread):
 
 
 N_PLUS_METRICS = [
-    "objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward", "objective/scores",
-    "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "val/clipfrac_avg",
-    "policy/entropy_avg", "val/ratio", "val/ratio_var", "val/num_eos_tokens", "lr", "episode",
-]  # fmt: skip
+    "objective/kl",
+    "objective/entropy",
+    "objective/non_score_reward",
+    "objective/rlhf_reward",
+    "objective/scores",
+    "policy/approxkl_avg",
+    "policy/clipfrac_avg",
+    "loss/policy_avg",
+    "loss/value_avg",
+    "val/clipfrac_avg",
+    "policy/entropy_avg",
+    "val/ratio",
+    "val/ratio_var",
+    "val/num_eos_tokens",
+    "lr",
+    "episode",
+]
 
 
 def newest_sample_update(out) -> int:
@@ -342,7 +439,18 @@ def ppo_runs(sft_smoke_dir, reward_smoke_dir, tmp_path_factory):
     has written the samples of update 7 past checkpoint 6, then resumed) output directories."""
     root = tmp_path_factory.mktemp("ppo")
     a, b = root / "a", root / "b"
-    args = ["--preset", "smoke", "--sft-path", sft_smoke_dir, "--reward-path", reward_smoke_dir, "--total-episodes", 16 * 12, "--save-interval", 3]
+    args = [
+        "--preset",
+        "smoke",
+        "--sft-path",
+        sft_smoke_dir,
+        "--reward-path",
+        reward_smoke_dir,
+        "--total-episodes",
+        16 * 12,
+        "--save-interval",
+        3,
+    ]
     resumed_from = run_killed_and_uninterrupted("ppo.py", args, a, b, kill_at=6, progress=newest_sample_update)
     assert 6 <= resumed_from < 12
     return a, b
@@ -370,7 +478,9 @@ def test_smoke_run_writes_a_plain_hf_policy_report_and_every_n_plus_metric(ppo_r
 def test_killed_and_resumed_ppo_run_is_bit_equal(ppo_runs):
     a, b = ppo_runs
     assert_same_weights(a / "model.safetensors", b / "model.safetensors")
-    assert_same_weights(a / "checkpoints/step_000012/value/model.safetensors", b / "checkpoints/step_000012/value/model.safetensors")
+    assert_same_weights(
+        a / "checkpoints/step_000012/value/model.safetensors", b / "checkpoints/step_000012/value/model.safetensors"
+    )
 
     def records(out):
         return [{k: v for k, v in r.items() if k != "episodes_per_s"} for r in read_metrics(out / "metrics.jsonl")]

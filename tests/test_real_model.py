@@ -40,7 +40,9 @@ EOS, ROWS = 2, 49152  # <|im_end|>; embedding rows of SmolLM2 (= its vocabulary:
 @pytest.fixture(scope="module")
 def model_dir():
     script = REPO.parent / "shared" / "tools" / "real_model.sh"
-    result = subprocess.run(["bash", str(script)], env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        ["bash", str(script)], env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=900
+    )
     assert result.returncode == 0, f"building the real model failed:\n{result.stderr[-3000:]}"
     return result.stdout.strip().splitlines()[-1]
 
@@ -67,12 +69,18 @@ def sft_rows(real_tokenizer):
 def test_pad_is_added_by_growing_the_embedding_by_exactly_one_row(model_dir, real_tokenizer, policy):
     raw = AutoTokenizer.from_pretrained(model_dir)
     assert raw.pad_token_id == raw.eos_token_id == EOS and len(raw) == ROWS  # the trap, and no spare row
-    assert real_tokenizer.pad_token == "[PAD]" and real_tokenizer.pad_token_id == ROWS and real_tokenizer.eos_token_id == EOS
+    assert (
+        real_tokenizer.pad_token == "[PAD]"
+        and real_tokenizer.pad_token_id == ROWS
+        and real_tokenizer.eos_token_id == EOS
+    )
     plain = AutoModelForCausalLM.from_pretrained(model_dir)
     assert plain.get_input_embeddings().weight.shape[0] == ROWS
     grown = policy.get_input_embeddings().weight
     assert grown.shape[0] == ROWS + 1
-    torch.testing.assert_close(grown[:ROWS], plain.get_input_embeddings().weight.float(), rtol=0, atol=0)  # old rows untouched
+    torch.testing.assert_close(
+        grown[:ROWS], plain.get_input_embeddings().weight.float(), rtol=0, atol=0
+    )  # old rows untouched
     assert policy.get_output_embeddings().weight.data_ptr() == grown.data_ptr()  # the head is still tied
     assert policy.config.pad_token_id == ROWS and policy.config.eos_token_id == EOS
 
@@ -81,11 +89,15 @@ def test_real_sample_keeps_eos_in_labels_and_never_confuses_it_with_padding(sft_
     pad = real_tokenizer.pad_token_id
     for row in sft_rows:
         q, r, n = row["query_token_len"], row["reference_response_token_len"], row["query_reference_response_token_len"]
-        assert row["query_token"][: 96 - q] == [pad] * (96 - q) and EOS not in row["query_token"]  # left padding is [PAD]
+        assert (
+            row["query_token"][: 96 - q] == [pad] * (96 - q) and EOS not in row["query_token"]
+        )  # left padding is [PAD]
         labels = row["query_reference_response_token_response_label"]
         assert labels[n - 1] == EOS and labels[:q] == [-100] * q and set(labels[n:]) == {-100}  # EOS is learned
         assert pad not in labels
-        assert row["query_reference_response_token"][n - 1] == EOS and set(row["query_reference_response_token"][n:]) <= {pad}
+        assert row["query_reference_response_token"][n - 1] == EOS and set(
+            row["query_reference_response_token"][n:]
+        ) <= {pad}
         assert row["reference_response_token"][r - 1] == EOS and row["reference_response"].endswith("<|im_end|>")
     # the comparisons of the same sample, through the same tokenizer
     rows = [json.loads(line) for _, line in zip(range(8), (REAL_SAMPLE / "comparisons.jsonl").open())]
@@ -95,7 +107,10 @@ def test_real_sample_keeps_eos_in_labels_and_never_confuses_it_with_padding(sft_
     pairs = process_comparisons(raw, real_tokenizer, Lengths(query=96, response=64), long_response="truncate")["train"]
     assert len(pairs) == 8
     for row in pairs:
-        assert row["chosen_token"][row["chosen_token_len"] - 1] == EOS and row["rejected_token"][row["rejected_token_len"] - 1] == EOS
+        assert (
+            row["chosen_token"][row["chosen_token_len"] - 1] == EOS
+            and row["rejected_token"][row["rejected_token_len"] - 1] == EOS
+        )
 
 
 @pytest.fixture(scope="module")
@@ -107,11 +122,24 @@ def trained(policy, sft_rows, real_tokenizer):
     columns = ["query_reference_response_token", "query_reference_response_token_len", "reference_response_token_len"]
     rows = sft_rows.select(range(4)).with_format("torch", columns=columns)
     loss_fn = distribute(model, sft.lm_loss_sum, runtime)
-    optimizer = make_optimizer(list(model.parameters()), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, eps=1e-8, kind="adamw", device=runtime.device)
+    optimizer = make_optimizer(
+        list(model.parameters()),
+        lr=1e-4,
+        betas=(0.9, 0.95),
+        weight_decay=0.0,
+        eps=1e-8,
+        kind="adamw",
+        device=runtime.device,
+    )
     before = sft.evaluate_loss(loss_fn, rows, 4, runtime)
-    lengths, response_lengths = list(sft_rows["query_reference_response_token_len"][:4]), list(sft_rows["reference_response_token_len"][:4])
+    lengths, response_lengths = (
+        list(sft_rows["query_reference_response_token_len"][:4]),
+        list(sft_rows["reference_response_token_len"][:4]),
+    )
     for step in range(3):
-        sft.train_step(loss_fn, model, optimizer, rows, [0, 1, 2, 3], lengths, response_lengths, cfg, runtime, step, None)
+        sft.train_step(
+            loss_fn, model, optimizer, rows, [0, 1, 2, 3], lengths, response_lengths, cfg, runtime, step, None
+        )
     return model.eval(), before, sft.evaluate_loss(loss_fn, rows, 4, runtime)
 
 
@@ -124,7 +152,9 @@ def test_generation_stops_at_the_chat_tuned_eos_and_pads_with_pad(policy, real_t
     """The instruct model ends a chat turn with <|im_end|> = EOS = 2: our sampler keeps that token,
     counts it as the response's last, and fills the rest with [PAD], not with 2."""
     prompt = "<|im_start|>user\nReply with one word: what colour is the sky?<|im_end|>\n<|im_start|>assistant\n"
-    samples = summarize(policy, real_tokenizer, [encode(real_tokenizer, prompt)] * 2, batch_size=2, max_new_tokens=24, temperature=0.0)
+    samples = summarize(
+        policy, real_tokenizer, [encode(real_tokenizer, prompt)] * 2, batch_size=2, max_new_tokens=24, temperature=0.0
+    )
     for s in samples:
         assert s["has_eos"] and s["response_token"][-1] == EOS and EOS not in s["response_token"][:-1], s
         assert s["response"].strip() and "<|im_end|>" not in s["response"]
@@ -132,11 +162,17 @@ def test_generation_stops_at_the_chat_tuned_eos_and_pads_with_pad(policy, real_t
 
 def real_query_responses(real_tokenizer, sft_rows, padding_side: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Two real query + reference rows of different lengths, padded with [PAD] on one side."""
-    seqs = [row["query_reference_response_token"][: row["query_reference_response_token_len"]] for row in sft_rows.select([0, 5])]
+    seqs = [
+        row["query_reference_response_token"][: row["query_reference_response_token_len"]]
+        for row in sft_rows.select([0, 5])
+    ]
     T = max(map(len, seqs))
     pad = real_tokenizer.pad_token_id
     ids = [([pad] * (T - len(s)) + s) if padding_side == "left" else (s + [pad] * (T - len(s))) for s in seqs]
-    mask = [([0] * (T - len(s)) + [1] * len(s)) if padding_side == "left" else ([1] * len(s) + [0] * (T - len(s))) for s in seqs]
+    mask = [
+        ([0] * (T - len(s)) + [1] * len(s)) if padding_side == "left" else ([1] * len(s) + [0] * (T - len(s)))
+        for s in seqs
+    ]
     return torch.tensor(ids), torch.tensor(mask)
 
 
@@ -165,13 +201,27 @@ def test_one_ppo_update_on_smollm2_starts_at_ratio_one(model_dir, policy, real_t
     value_model, model = copy.deepcopy(reward_model).requires_grad_(True), copy.deepcopy(policy).train()
     rows = sft_rows.select(range(4))
     queries = torch.tensor(rows["query_token"])
-    query_mask = (torch.arange(queries.shape[1])[None] >= (queries.shape[1] - torch.tensor(rows["query_token_len"]))[:, None]).long()
-    cfg = ppo.Config(batch_size=4, num_minibatches=2, micro_batch_size=2, ppo_epochs=1, lr=1e-5, response_length=24, temperature=0.7)
+    query_mask = (
+        torch.arange(queries.shape[1])[None] >= (queries.shape[1] - torch.tensor(rows["query_token_len"]))[:, None]
+    ).long()
+    cfg = ppo.Config(
+        batch_size=4, num_minibatches=2, micro_batch_size=2, ppo_epochs=1, lr=1e-5, response_length=24, temperature=0.7
+    )
     batch = sample_rollout(
-        model, model, lambda qr, am: get_score(reward_model, qr, am), queries, query_mask, real_tokenizer, value_model=value_model,
-        response_length=cfg.response_length, temperature=cfg.temperature, no_eos_score=cfg.no_eos_score,
-        generation_batch_size=4, forward_batch_size=4, generator=torch.Generator().manual_seed(0),
-    )  # fmt: skip
+        model,
+        model,
+        lambda qr, am: get_score(reward_model, qr, am),
+        queries,
+        query_mask,
+        real_tokenizer,
+        value_model=value_model,
+        response_length=cfg.response_length,
+        temperature=cfg.temperature,
+        no_eos_score=cfg.no_eos_score,
+        generation_batch_size=4,
+        forward_batch_size=4,
+        generator=torch.Generator().manual_seed(0),
+    )
     pad = real_tokenizer.pad_token_id
     for i in range(4):
         n = int(batch.response_mask[i].sum())
@@ -183,13 +233,33 @@ def test_one_ppo_update_on_smollm2_starts_at_ratio_one(model_dir, policy, real_t
     runtime = setup_runtime("cpu", "fp32")
     adam = dict(lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-5, kind="adamw", device=runtime.device)
     models = ppo.Models(
-        policy=model, value_model=value_model, ref_policy=None, score_fn=None,
-        policy_logits=distribute(model, response_logits, runtime), value_fn=distribute(value_model, value_predictions, runtime),
-        policy_optimizer=make_optimizer(list(model.parameters()), **adam), value_optimizer=make_optimizer(list(value_model.parameters()), **adam),
-    )  # fmt: skip
+        policy=model,
+        value_model=value_model,
+        ref_policy=None,
+        score_fn=None,
+        policy_logits=distribute(model, response_logits, runtime),
+        value_fn=distribute(value_model, value_predictions, runtime),
+        policy_optimizer=make_optimizer(list(model.parameters()), **adam),
+        value_optimizer=make_optimizer(list(value_model.parameters()), **adam),
+    )
     advantages, returns, _, _ = ppo.rewards_and_advantages(batch, cfg)
-    stats = ppo.ppo_update(models, batch, advantages, returns, batch.query_mask.sum(1), cfg, runtime, torch.Generator().manual_seed(1), 0, tmp_path)
-    assert abs(float(stats["ratio"][0]) - 1) < 1e-5 and float(stats["approxkl"][0]) < 1e-8 and float(stats["clipfrac"][0]) == 0
+    stats = ppo.ppo_update(
+        models,
+        batch,
+        advantages,
+        returns,
+        batch.query_mask.sum(1),
+        cfg,
+        runtime,
+        torch.Generator().manual_seed(1),
+        0,
+        tmp_path,
+    )
+    assert (
+        abs(float(stats["ratio"][0]) - 1) < 1e-5
+        and float(stats["approxkl"][0]) < 1e-8
+        and float(stats["clipfrac"][0]) == 0
+    )
     assert float(stats["approxkl"][1]) > 0  # the first step moved the policy, so the check above could fail
 
 
@@ -202,15 +272,24 @@ def test_exported_checkpoints_load_with_plain_from_pretrained(trained, model_dir
     assert tokenizer.pad_token == "[PAD]" and tokenizer.pad_token_id == ROWS and tokenizer.eos_token_id == EOS
     assert plain.get_input_embeddings().weight.shape[0] == ROWS + 1 and plain.config.pad_token_id == ROWS
     ids, mask = real_query_responses(real_tokenizer, sft_rows, "right")
-    torch.testing.assert_close(plain(input_ids=ids, attention_mask=mask).logits, model(input_ids=ids, attention_mask=mask).logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        plain(input_ids=ids, attention_mask=mask).logits,
+        model(input_ids=ids, attention_mask=mask).logits,
+        atol=1e-4,
+        rtol=1e-4,
+    )
 
     torch.manual_seed(0)
     reward_model = load_reward_model(model_dir, real_tokenizer, new_head=True).eval()
     reward_model.config.score_bias = -0.25  # as reward.py's normalisation stores it
     export_final(tmp_path / "reward", reward_model, real_tokenizer)
     plain_rm = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "reward")).eval()
-    assert plain_rm.config.num_labels == 1 and plain_rm.config.score_bias == -0.25 and plain_rm.config.pad_token_id == ROWS
+    assert (
+        plain_rm.config.num_labels == 1 and plain_rm.config.score_bias == -0.25 and plain_rm.config.pad_token_id == ROWS
+    )
     # HF pools at the last non-pad token: with [PAD] != EOS under right padding that is the EOS
     logits = plain_rm(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
-    torch.testing.assert_close(logits + plain_rm.config.score_bias, get_score(reward_model, ids, mask), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        logits + plain_rm.config.score_bias, get_score(reward_model, ids, mask), atol=1e-4, rtol=1e-4
+    )
     assert dataclasses.is_dataclass(ppo.Config)

@@ -42,7 +42,12 @@ def sequences(tokenizer, lengths=LENGTHS, seed=0) -> list[torch.Tensor]:
     """Random query+response ids ending with EOS; no EOS or [PAD] before it."""
     g = torch.Generator().manual_seed(seed)
     assert tokenizer.eos_token_id == 0 and tokenizer.pad_token_id == len(tokenizer) - 1
-    return [torch.cat([torch.randint(1, tokenizer.pad_token_id, (n - 1,), generator=g), torch.tensor([tokenizer.eos_token_id])]) for n in lengths]
+    return [
+        torch.cat(
+            [torch.randint(1, tokenizer.pad_token_id, (n - 1,), generator=g), torch.tensor([tokenizer.eos_token_id])]
+        )
+        for n in lengths
+    ]
 
 
 def pad(seqs: list[torch.Tensor], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +107,9 @@ def test_hf_pooling_agrees_with_get_score_with_our_pad_token_and_right_padding(r
     assert reward_model.config.pad_token_id == tokenizer.pad_token_id != tokenizer.eos_token_id
     ids, mask = pad(sequences(tokenizer, seed=1), tokenizer.pad_token_id, "right")
     hf = reward_model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
-    torch.testing.assert_close(hf, get_score(reward_model, ids, mask) - reward_model.config.score_bias, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        hf, get_score(reward_model, ids, mask) - reward_model.config.score_bias, atol=1e-5, rtol=0
+    )
 
 
 def test_new_head_is_n_plus_init_and_has_no_offset(tiny_model_dir, tokenizer):
@@ -128,11 +135,22 @@ def test_pair_scores_equal_separate_full_forwards_with_the_same_gradients(reward
     """Each query once, both summaries on its KV cache (or two full rows): the same scores as
     `get_score` on each full query+summary, and the same gradients."""
     ds = load_stage_data(str(tiny.COMPARISONS_FILE), tokenizer, "comparisons", ("train",), Lengths(512, 133))["train"]
-    rows = ds.select(range(6)).with_format("torch", columns=[*reward.PAIR_COLUMNS, "query_chosen_token", "query_chosen_token_len", "query_rejected_token", "query_rejected_token_len"])[:]
+    rows = ds.select(range(6)).with_format(
+        "torch",
+        columns=[
+            *reward.PAIR_COLUMNS,
+            "query_chosen_token",
+            "query_chosen_token_len",
+            "query_rejected_token",
+            "query_rejected_token_len",
+        ],
+    )[:]
     assert not torch.equal(rows["chosen_token_len"], rows["rejected_token_len"])  # different lengths in one batch
     assert len(set(rows["query_token_len"].tolist())) > 1  # and queries of different lengths (left padding)
     reward_model.zero_grad()
-    chosen, rejected = reward.pair_scores(functools.partial(get_pair_scores, reward_model, share_prefix=share_prefix), rows, setup_runtime("cpu", "fp32"))
+    chosen, rejected = reward.pair_scores(
+        functools.partial(get_pair_scores, reward_model, share_prefix=share_prefix), rows, setup_runtime("cpu", "fp32")
+    )
     (chosen - rejected).sum().backward()
     grads = {n: p.grad.clone() for n, p in reward_model.named_parameters() if p.grad is not None}
     reward_model.zero_grad()
@@ -168,7 +186,9 @@ def validation_scores(model_dir, new_head: bool) -> tuple[torch.Tensor, torch.Te
     tokenizer = load_tokenizer(str(model_dir))
     torch.manual_seed(reward.Config.seed)
     model = reward.load_reward_model(str(model_dir), tokenizer, new_head=new_head).eval()
-    data = reward.load_stage_data(str(tiny.COMPARISONS_FILE), tokenizer, "comparisons", ("validation",), reward.Lengths(512, 133))["validation"]
+    data = reward.load_stage_data(
+        str(tiny.COMPARISONS_FILE), tokenizer, "comparisons", ("validation",), reward.Lengths(512, 133)
+    )["validation"]
     rows = data.with_format("torch", columns=reward.PAIR_COLUMNS)
     return reward.score_split(functools.partial(get_pair_scores, model), rows, 8, setup_runtime("cpu", "fp32"))
 
@@ -181,12 +201,17 @@ def test_smoke_run_learns_from_where_it_started(reward_smoke_dir, sft_smoke_dir)
     far, whatever the seed."""
     start, end = validation_scores(sft_smoke_dir, new_head=True), validation_scores(reward_smoke_dir, new_head=False)
     (accuracy0, margin0, loss0), (accuracy, margin, loss) = (
-        (float((c > r).float().mean()), float((c - r).mean()), float(reward.pairwise_loss(c, r)) / len(c)) for c, r in (start, end)
-    )  # fmt: skip
+        (float((c > r).float().mean()), float((c - r).mean()), float(reward.pairwise_loss(c, r)) / len(c))
+        for c, r in (start, end)
+    )
     metrics = final_metrics(reward_smoke_dir)  # the run's own final evaluation is what we scored
-    assert accuracy == pytest.approx(metrics["eval/validation/accuracy"]) and margin == pytest.approx(metrics["eval/validation/margin"], abs=1e-3)
+    assert accuracy == pytest.approx(metrics["eval/validation/accuracy"]) and margin == pytest.approx(
+        metrics["eval/validation/margin"], abs=1e-3
+    )
     step0 = next(r for r in read_metrics(reward_smoke_dir / "metrics.jsonl") if r["step"] == 0 and "val/accuracy" in r)
-    assert step0["val/accuracy"] == pytest.approx(accuracy0) and step0["val/margin"] == pytest.approx(margin0, abs=1e-4)  # and its step-0 one
+    assert step0["val/accuracy"] == pytest.approx(accuracy0) and step0["val/margin"] == pytest.approx(
+        margin0, abs=1e-4
+    )  # and its step-0 one
     assert abs(margin0) < 0.5 and abs(loss0 - math.log(2)) < 0.1, (margin0, loss0)  # the start is untrained
     assert loss < loss0 / 4, (loss0, loss)
     assert margin > margin0 + 2.0, (margin0, margin)
@@ -200,7 +225,11 @@ def test_step_0_accuracy_is_logged_and_reported_beside_the_length_rule(reward_sm
     records = read_metrics(reward_smoke_dir / "metrics.jsonl")
     assert any(r["step"] == 0 and "val/accuracy" in r for r in records)
     final = [r for r in records if "eval/validation/accuracy" in r][-1]
-    assert final["eval/validation/accuracy_ci_low"] <= final["eval/validation/accuracy"] <= final["eval/validation/accuracy_ci_high"]
+    assert (
+        final["eval/validation/accuracy_ci_low"]
+        <= final["eval/validation/accuracy"]
+        <= final["eval/validation/accuracy_ci_high"]
+    )
     assert 0.0 <= final["eval/validation/length_rule_accuracy"] <= 1.0
     report = (reward_smoke_dir / "report.md").read_text()
     assert "step 0 " in report and "-> end" in report and '"the longer summary wins"' in report
@@ -230,7 +259,9 @@ def test_reference_summaries_score_zero_on_average_after_normalisation(reward_sm
     tokenizer = load_tokenizer(str(reward_smoke_dir))
     model = load_reward_model(str(reward_smoke_dir), tokenizer)
     columns = ["query_reference_response_token", "query_reference_response_token_len"]
-    sft = load_stage_data(str(tiny.SFT_DIR), tokenizer, "sft", ("train",), Lengths(512, 63))["train"].with_format("torch", columns=columns)
+    sft = load_stage_data(str(tiny.SFT_DIR), tokenizer, "sft", ("train",), Lengths(512, 63))["train"].with_format(
+        "torch", columns=columns
+    )
     scores = reward.reference_scores(model, sft, 8, setup_runtime("cpu", "fp32"))
     assert len(scores) == metrics["norm/rows"]
     assert abs(float(scores.mean())) < 0.01
@@ -248,22 +279,36 @@ def test_reference_summaries_score_zero_on_average_after_normalisation(reward_sm
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (REAL_SAMPLE / "comparisons.jsonl").exists(), reason=f"real TL;DR sample not found at {REAL_SAMPLE}")
+@pytest.mark.skipif(
+    not (REAL_SAMPLE / "comparisons.jsonl").exists(), reason=f"real TL;DR sample not found at {REAL_SAMPLE}"
+)
 def test_eval_only_on_gpt4_judged_real_pairs(reward_smoke_dir, tmp_path):
     out = tmp_path / "eval"
     run_stage(
-        "reward.py", "--eval-only", "--reward-path", reward_smoke_dir, "--dataset", REAL_SAMPLE / "comparisons.jsonl",
-        "--output-dir", out, "--max-final-eval-rows", "64",
-    )  # fmt: skip
+        "reward.py",
+        "--eval-only",
+        "--reward-path",
+        reward_smoke_dir,
+        "--dataset",
+        REAL_SAMPLE / "comparisons.jsonl",
+        "--output-dir",
+        out,
+        "--max-final-eval-rows",
+        "64",
+    )
     report = (out / "report.md").read_text()
     assert "labels: GPT-4 verdicts" in report
     assert "(n=64," in report
     # the numbers are the saved model's on those 64 pairs (not, say, a fresh head's), scored here independently
     tokenizer = load_tokenizer(str(reward_smoke_dir))
     model = reward.load_reward_model(str(reward_smoke_dir), tokenizer).eval()
-    data = reward.load_stage_data(str(REAL_SAMPLE / "comparisons.jsonl"), tokenizer, "comparisons", ("validation",), reward.Lengths(512, 133))["validation"]
+    data = reward.load_stage_data(
+        str(REAL_SAMPLE / "comparisons.jsonl"), tokenizer, "comparisons", ("validation",), reward.Lengths(512, 133)
+    )["validation"]
     rows = data.select(range(64)).with_format("torch", columns=reward.PAIR_COLUMNS)
-    chosen, rejected = reward.score_split(functools.partial(get_pair_scores, model), rows, 8, setup_runtime("cpu", "fp32"))
+    chosen, rejected = reward.score_split(
+        functools.partial(get_pair_scores, model), rows, 8, setup_runtime("cpu", "fp32")
+    )
     assert final_metrics(out)["eval/validation/accuracy"] == pytest.approx(float((chosen > rejected).float().mean()))
     assert final_metrics(out)["eval/validation/margin"] == pytest.approx(float((chosen - rejected).mean()), abs=1e-4)
     assert (out / "calibration_validation.png").stat().st_size > 0
@@ -281,7 +326,9 @@ def test_eval_only_writes_beside_the_run_and_leaves_the_run_alone(tiny_model_dir
     before = {name: "training run's " + name for name in ("metrics.jsonl", "report.md")}
     for name, text in before.items():
         (rm / name).write_text(text)
-    validation = [line for line in tiny.COMPARISONS_FILE.read_text().splitlines() if json.loads(line)["split"] != "train"][:4]
+    validation = [
+        line for line in tiny.COMPARISONS_FILE.read_text().splitlines() if json.loads(line)["split"] != "train"
+    ][:4]
     (tmp_path / "pairs.jsonl").write_text("\n".join(validation) + "\n")
     run_stage("reward.py", "--eval-only", "--reward-path", rm, "--dataset", tmp_path / "pairs.jsonl", "--device", "cpu")
     assert {name: (rm / name).read_text() for name in before} == before
@@ -290,11 +337,21 @@ def test_eval_only_writes_beside_the_run_and_leaves_the_run_alone(tiny_model_dir
 
 
 def test_eval_only_with_a_policy_checkpoint_is_a_one_line_error(tiny_model_dir, tmp_path):
-    validation = [line for line in tiny.COMPARISONS_FILE.read_text().splitlines() if json.loads(line)["split"] != "train"][:4]
+    validation = [
+        line for line in tiny.COMPARISONS_FILE.read_text().splitlines() if json.loads(line)["split"] != "train"
+    ][:4]
     (tmp_path / "pairs.jsonl").write_text("\n".join(validation) + "\n")
     result = run_stage(
-        "reward.py", "--eval-only", "--reward-path", tiny_model_dir, "--dataset", tmp_path / "pairs.jsonl", "--output-dir", tmp_path / "e", check=False
-    )  # fmt: skip
+        "reward.py",
+        "--eval-only",
+        "--reward-path",
+        tiny_model_dir,
+        "--dataset",
+        tmp_path / "pairs.jsonl",
+        "--output-dir",
+        tmp_path / "e",
+        check=False,
+    )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
@@ -335,7 +392,12 @@ def test_resumed_reward_metrics_read_as_one_clean_run(resumed_reward_runs):
     a, b = resumed_reward_runs
 
     def records(out):
-        return [(r["step"], k, r[k]) for r in read_metrics(out / "metrics.jsonl") for k in sorted(r) if k not in ("step", "tokens_per_s")]
+        return [
+            (r["step"], k, r[k])
+            for r in read_metrics(out / "metrics.jsonl")
+            for k in sorted(r)
+            if k not in ("step", "tokens_per_s")
+        ]
 
     assert records(b) == records(a)
 
@@ -350,18 +412,46 @@ def test_pairwise_loss_and_train_step(tiny_model_dir, tokenizer):
     expected = -sum(math.log(1 / (1 + math.exp(-(c - r)))) for c, r in zip(chosen.tolist(), rejected.tolist()))
     assert float(reward.pairwise_loss(chosen, rejected)) == pytest.approx(expected)
     runtime = setup_runtime("cpu", "fp32")
-    data = reward.load_stage_data(str(tiny.COMPARISONS_FILE), tokenizer, "comparisons", ("train",), reward.Lengths(512, 133))["train"]
+    data = reward.load_stage_data(
+        str(tiny.COMPARISONS_FILE), tokenizer, "comparisons", ("train",), reward.Lengths(512, 133)
+    )["train"]
     train = data.with_format("torch", columns=reward.PAIR_COLUMNS)
-    pair_lengths = [q + max(c, r) for q, c, r in zip(data["query_token_len"], data["chosen_token_len"], data["rejected_token_len"])]
+    pair_lengths = [
+        q + max(c, r) for q, c, r in zip(data["query_token_len"], data["chosen_token_len"], data["rejected_token_len"])
+    ]
     models, results = [], []
     for micro_batch_size in (8, 3):  # 3, 3, 2: a per-micro-batch mean would weight the last more
         cfg = reward.Config(batch_size=8, micro_batch_size=micro_batch_size, lr=1e-3)
         torch.manual_seed(0)
         model = reward.load_reward_model(str(tiny_model_dir), tokenizer, new_head=True).train()
         disable_dropout(model)
-        optimizer = make_optimizer(list(model.parameters()), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8, kind="adamw", device=runtime.device)
+        optimizer = make_optimizer(
+            list(model.parameters()),
+            lr=cfg.lr,
+            betas=(0.9, 0.999),
+            weight_decay=0.0,
+            eps=1e-8,
+            kind="adamw",
+            device=runtime.device,
+        )
         before = reward.score_split(functools.partial(get_pair_scores, model), train.select(range(8)), 8, runtime)
-        results.append((reward.train_step(functools.partial(get_pair_scores, model), model, optimizer, train, list(range(8)), pair_lengths, cfg, runtime, 0, "out"), before))
+        results.append(
+            (
+                reward.train_step(
+                    functools.partial(get_pair_scores, model),
+                    model,
+                    optimizer,
+                    train,
+                    list(range(8)),
+                    pair_lengths,
+                    cfg,
+                    runtime,
+                    0,
+                    "out",
+                ),
+                before,
+            )
+        )
         models.append(model)
     for stats, (c, r) in results:
         assert stats["train/loss"] == pytest.approx(float(reward.pairwise_loss(c, r)) / 8, rel=1e-4)

@@ -9,7 +9,11 @@ from dgx_spark_summary_from_human_feedback.rouge import lcs_length, rouge_l, rou
 
 def test_identical_strings_score_one_and_disjoint_strings_zero():
     assert rouge_scores(["my dog ate my car"], ["my dog ate my car"]) == {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0}
-    assert rouge_scores(["my dog ate my car"], ["the cat sat on a mat"]) == {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    assert rouge_scores(["my dog ate my car"], ["the cat sat on a mat"]) == {
+        "rouge1": 0.0,
+        "rouge2": 0.0,
+        "rougeL": 0.0,
+    }
     assert rouge_scores([""], ["the cat"]) == {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
 
 

@@ -9,7 +9,13 @@ import pytest
 
 from .conftest import REPO
 
-SOURCES = sorted([*REPO.glob("*.py"), *(REPO / "dgx_spark_summary_from_human_feedback").rglob("*.py"), *(REPO / "bench").glob("*.py")])
+SOURCES = sorted(
+    [
+        *REPO.glob("*.py"),
+        *(REPO / "dgx_spark_summary_from_human_feedback").rglob("*.py"),
+        *(REPO / "bench").glob("*.py"),
+    ]
+)
 
 
 def calls(path, name):
@@ -31,7 +37,11 @@ def test_no_trust_remote_code_anywhere():
     offenders = []
     for path in SOURCES:
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.keyword) and node.arg == "trust_remote_code" and not (isinstance(node.value, ast.Constant) and node.value.value is False):
+            if (
+                isinstance(node, ast.keyword)
+                and node.arg == "trust_remote_code"
+                and not (isinstance(node.value, ast.Constant) and node.value.value is False)
+            ):
                 offenders.append(f"{path.name}:{node.lineno}")
     assert offenders == []
 
@@ -52,13 +62,19 @@ def torch_load_calls(tree):
         func = node.func
         if isinstance(func, ast.Name) and func.id in functions:
             yield node
-        elif isinstance(func, ast.Attribute) and func.attr == "load" and ast.unparse(func.value) in modules | {"torch.serialization"}:
+        elif (
+            isinstance(func, ast.Attribute)
+            and func.attr == "load"
+            and ast.unparse(func.value) in modules | {"torch.serialization"}
+        ):
             yield node
 
 
 def test_torch_load_calls_are_found_under_every_spelling():
     source = "import torch\nimport torch as t\nfrom torch import load\nfrom torch import load as f\nfrom torch import serialization\n"
-    source += "torch.load(p)\nt.load(p)\nload(p)\nf(p)\nserialization.load(p)\ntorch.serialization.load(p)\njson.load(p)\n"
+    source += (
+        "torch.load(p)\nt.load(p)\nload(p)\nf(p)\nserialization.load(p)\ntorch.serialization.load(p)\njson.load(p)\n"
+    )
     assert len(list(torch_load_calls(ast.parse(source)))) == 6
 
 
@@ -77,7 +93,9 @@ def test_no_pickle_based_model_saving():
     for path in SOURCES:
         for node in calls(path, "save_pretrained"):
             kw = {k.arg: k.value for k in node.keywords}
-            if "safe_serialization" in kw and not (isinstance(kw["safe_serialization"], ast.Constant) and kw["safe_serialization"].value is True):
+            if "safe_serialization" in kw and not (
+                isinstance(kw["safe_serialization"], ast.Constant) and kw["safe_serialization"].value is True
+            ):
                 offenders.append(f"{path.name}:{node.lineno}")
     assert offenders == []
     assert "import pickle" not in "".join(p.read_text() for p in SOURCES)
@@ -85,14 +103,36 @@ def test_no_pickle_based_model_saving():
 
 @pytest.mark.slow
 def test_secrets_from_the_environment_never_reach_outputs(tmp_path):
-    secrets = {"HF_TOKEN": "hf_FAKEsecret0123456789", "WANDB_API_KEY": "wandbFAKEsecret0123456789", "OPENAI_API_KEY": "sk-FAKEsecret0123456789"}
+    secrets = {
+        "HF_TOKEN": "hf_FAKEsecret0123456789",
+        "WANDB_API_KEY": "wandbFAKEsecret0123456789",
+        "OPENAI_API_KEY": "sk-FAKEsecret0123456789",
+    }
     env = {**os.environ, **secrets, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     out = tmp_path / "sft"
     result = subprocess.run(
-        [sys.executable, "sft.py", "--preset", "smoke", "--max-steps", "4", "--eval-interval", "2", "--num-eval-samples", "2",
-         "--wandb-project", "secret-test", "--output-dir", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "sft.py",
+            "--preset",
+            "smoke",
+            "--max-steps",
+            "4",
+            "--eval-interval",
+            "2",
+            "--num-eval-samples",
+            "2",
+            "--wandb-project",
+            "secret-test",
+            "--output-dir",
+            str(out),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     files = [p for p in out.rglob("*") if p.is_file()]
     assert len(files) > 10 and any(p.suffix == ".wandb" for p in files)  # wandb's offline run is in there too

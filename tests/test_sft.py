@@ -18,12 +18,20 @@ from dgx_spark_summary_from_human_feedback.tracking import read_metrics
 from .conftest import REPO
 from .test_models import sft
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "200"}
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "WANDB_MODE": "disabled",
+    "TOKENIZERS_PARALLELISM": "false",
+    "COLUMNS": "200",
+}
 SHORT = ["--preset", "smoke", "--max-steps", "24", "--eval-interval", "4", "--num-eval-samples", "2"]
 
 
 def run_sft(*args, timeout=600):
-    return subprocess.run([sys.executable, "sft.py", *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "sft.py", *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -82,15 +90,25 @@ def newest_step(out) -> int:
 @pytest.mark.slow
 def test_killed_and_resumed_run_is_bit_equal_to_an_uninterrupted_one(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    uninterrupted = subprocess.Popen([sys.executable, "sft.py", *SHORT, "--output-dir", str(a)], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uninterrupted = subprocess.Popen(
+        [sys.executable, "sft.py", *SHORT, "--output-dir", str(a)],
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         with open(tmp_path / "b.log", "w") as log:
-            killed = subprocess.Popen([sys.executable, "sft.py", *SHORT, "--output-dir", str(b)], cwd=REPO, env=ENV, stdout=log, stderr=log)
+            killed = subprocess.Popen(
+                [sys.executable, "sft.py", *SHORT, "--output-dir", str(b)], cwd=REPO, env=ENV, stdout=log, stderr=log
+            )
             deadline = time.time() + 300
             while newest_step(b) < 8 and killed.poll() is None and time.time() < deadline:
                 time.sleep(0.01)
             killed.send_signal(signal.SIGKILL)
-            assert killed.wait() == -signal.SIGKILL, (tmp_path / "b.log").read_text()[-2000:]  # killed mid-run, not finished
+            assert killed.wait() == -signal.SIGKILL, (tmp_path / "b.log").read_text()[
+                -2000:
+            ]  # killed mid-run, not finished
         assert 8 <= newest_step(b) < 24 and not (b / "model.safetensors").exists()
         leftover = b / "checkpoints" / ".tmp-step_000016-999999"  # what a kill during a save leaves
         leftover.mkdir()
@@ -113,7 +131,9 @@ def test_killed_and_resumed_run_is_bit_equal_to_an_uninterrupted_one(tmp_path):
     final_a, final_b = read_metrics(a / "metrics.jsonl")[-1], read_metrics(b / "metrics.jsonl")[-1]
     assert final_a["step"] == final_b["step"] == 24 and final_a["val/loss"] == final_b["val/loss"]
     # metrics.jsonl of the resumed run reads as one run: each (step, metric) once, as uninterrupted
-    keys = lambda out: sorted((r["step"], k) for r in read_metrics(out / "metrics.jsonl") for k in r if k not in ("step", "tokens_per_s"))  # noqa: E731
+    keys = lambda out: sorted(
+        (r["step"], k) for r in read_metrics(out / "metrics.jsonl") for k in r if k not in ("step", "tokens_per_s")
+    )  # noqa: E731
     assert keys(b) == keys(a)
 
 
@@ -146,11 +166,35 @@ def sft_train_steps(tiny_model_dir, tokenizer, rows, micro_batch_size: int, pad_
     runtime = setup_runtime("cpu", "fp32")
     cfg = sft.Config(batch_size=len(rows), micro_batch_size=micro_batch_size, lr=1e-3, grad_clip=1.0)
     model = load_policy(str(tiny_model_dir), tokenizer).train()
-    optimizer = make_optimizer(list(model.parameters()), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps, kind="adamw", device=runtime.device)
+    optimizer = make_optimizer(
+        list(model.parameters()),
+        lr=cfg.lr,
+        betas=cfg.betas,
+        weight_decay=cfg.weight_decay,
+        eps=cfg.eps,
+        kind="adamw",
+        device=runtime.device,
+    )
     loss_fn = functools.partial(lm_loss_sum, model, pack=False if pad_to else None)
-    lengths, response_lengths = rows["query_reference_response_token_len"][:].tolist(), rows["reference_response_token_len"][:].tolist()
+    lengths, response_lengths = (
+        rows["query_reference_response_token_len"][:].tolist(),
+        rows["reference_response_token_len"][:].tolist(),
+    )
     for step in range(steps):
-        stats = sft.train_step(loss_fn, model, optimizer, rows, list(range(len(rows))), lengths, response_lengths, cfg, runtime, step, "out", pad_to=pad_to)
+        stats = sft.train_step(
+            loss_fn,
+            model,
+            optimizer,
+            rows,
+            list(range(len(rows))),
+            lengths,
+            response_lengths,
+            cfg,
+            runtime,
+            step,
+            "out",
+            pad_to=pad_to,
+        )
     return model, stats
 
 
@@ -173,6 +217,9 @@ def test_train_step_is_one_step_of_the_whole_batch_mean_for_any_micro_batch_spli
     whole, stats = sft_train_steps(tiny_model_dir, tokenizer, rows, 8)
     assert stats["train/loss"] == pytest.approx(float(loss_sum) / n, rel=1e-5)  # the loss before the step
     assert stats["tokens"] == int(rows["query_reference_response_token_len"][:].sum()) and stats["grad_norm"] > 0
-    for other in (sft_train_steps(tiny_model_dir, tokenizer, rows, 3)[0], sft_train_steps(tiny_model_dir, tokenizer, rows, 3, pad_to=575)[0]):
+    for other in (
+        sft_train_steps(tiny_model_dir, tokenizer, rows, 3)[0],
+        sft_train_steps(tiny_model_dir, tokenizer, rows, 3, pad_to=575)[0],
+    ):
         for p1, p2 in zip(whole.parameters(), other.parameters()):  # Adam near eps: ~2e-5 of fp32 rounding; lr 1e-3
             torch.testing.assert_close(p1, p2, rtol=0, atol=1e-4)

@@ -20,7 +20,14 @@ from dgx_spark_summary_from_human_feedback.checkpoint import (
 )
 from dgx_spark_summary_from_human_feedback.errors import InputError
 from dgx_spark_summary_from_human_feedback.tracking import Logger, read_metrics
-from dgx_spark_summary_from_human_feedback.training import batch_indices, get_lr, make_optimizer, micro_batch_layout, micro_batches, setup_runtime
+from dgx_spark_summary_from_human_feedback.training import (
+    batch_indices,
+    get_lr,
+    make_optimizer,
+    micro_batch_layout,
+    micro_batches,
+    setup_runtime,
+)
 
 from .conftest import REPO
 from .stage_fixtures import load_script
@@ -71,7 +78,9 @@ def test_no_warmup_starts_at_peak():
 def test_weight_decay_on_matrices_only_and_tied_embedding_once(tiny_model):
     params = list(tiny_model.parameters())
     assert tiny_model.get_input_embeddings().weight is tiny_model.get_output_embeddings().weight  # tied, as Qwen2.5
-    opt = make_optimizer(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, eps=1e-8, kind="adamw", device=torch.device("cpu"))
+    opt = make_optimizer(
+        params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, eps=1e-8, kind="adamw", device=torch.device("cpu")
+    )
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert decay["params"] and all(p.dim() >= 2 for p in decay["params"])
@@ -88,7 +97,15 @@ def test_weight_decay_on_matrices_only_and_tied_embedding_once(tiny_model):
 def test_frozen_parameters_are_left_out():
     model = AutoModelForCausalLM.from_config(tiny.model_config())
     model.get_input_embeddings().weight.requires_grad_(False)
-    opt = make_optimizer(list(model.parameters()), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, eps=1e-8, kind="adamw", device=torch.device("cpu"))
+    opt = make_optimizer(
+        list(model.parameters()),
+        lr=1e-3,
+        betas=(0.9, 0.95),
+        weight_decay=0.1,
+        eps=1e-8,
+        kind="adamw",
+        device=torch.device("cpu"),
+    )
     grouped = {id(p) for g in opt.param_groups for p in g["params"]}
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert grouped == trainable and trainable  # every trainable parameter, and nothing frozen
@@ -97,7 +114,15 @@ def test_frozen_parameters_are_left_out():
 
 def test_adamw8bit_on_cpu_is_an_input_error(tiny_model):
     with pytest.raises(InputError, match="adamw8bit needs a CUDA device"):
-        make_optimizer(list(tiny_model.parameters()), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, eps=1e-8, kind="adamw8bit", device=torch.device("cpu"))
+        make_optimizer(
+            list(tiny_model.parameters()),
+            lr=1e-3,
+            betas=(0.9, 0.95),
+            weight_decay=0.1,
+            eps=1e-8,
+            kind="adamw8bit",
+            device=torch.device("cpu"),
+        )
 
 
 # ---- batches
@@ -135,7 +160,11 @@ def test_each_epoch_visits_rows_at_most_once_in_a_fresh_order():
     per_epoch = n_rows // batch_size
     epochs = []
     for epoch in range(3):
-        rows = [i for s in range(epoch * per_epoch, (epoch + 1) * per_epoch) for i in batch_indices(s, n_rows, batch_size, seed=1)]
+        rows = [
+            i
+            for s in range(epoch * per_epoch, (epoch + 1) * per_epoch)
+            for i in batch_indices(s, n_rows, batch_size, seed=1)
+        ]
         assert len(rows) == len(set(rows)) == per_epoch * batch_size
         assert all(0 <= i < n_rows for i in rows)
         epochs.append(rows)
@@ -159,7 +188,10 @@ def test_micro_batches_cover_the_batch_once_longest_first():
 def test_rank_shares_are_disjoint_and_cover_the_batch(world_size):
     indices = list(range(100, 112))
     lengths = [(7 * i) % 13 + 1 for i in range(12)]
-    shares = [[i for m in micro_batches(indices, lengths, 2, rank=r, world_size=world_size) for i in m] for r in range(world_size)]
+    shares = [
+        [i for m in micro_batches(indices, lengths, 2, rank=r, world_size=world_size) for i in m]
+        for r in range(world_size)
+    ]
     flat = [i for s in shares for i in s]
     assert len(flat) == len(set(flat)) == len(indices) and set(flat) == set(indices)
     assert all(len(s) == len(indices) // world_size for s in shares)
@@ -169,7 +201,9 @@ def test_rank_shares_are_disjoint_and_cover_the_batch(world_size):
 
 
 def save(out, step, model, tokenizer, metric=None, config=None):
-    return save_checkpoint(out, step, {"model": model}, tokenizer, {"note": f"state {step}"}, config or {"lr": 1e-3}, metric=metric)
+    return save_checkpoint(
+        out, step, {"model": model}, tokenizer, {"note": f"state {step}"}, config or {"lr": 1e-3}, metric=metric
+    )
 
 
 def step_names(out):
@@ -243,7 +277,9 @@ def test_resume_safe_fields_are_stage_config_fields():
     assert {"sft", "reward", "ppo"} <= set(stages)
     assert RESUME_SAFE_FIELDS <= fields, f"not a field of any stage Config: {sorted(RESUME_SAFE_FIELDS - fields)}"
     intervals = {f for f in fields if f.endswith("_interval")}
-    assert intervals <= RESUME_SAFE_FIELDS, f"cadences missing from RESUME_SAFE_FIELDS: {sorted(intervals - RESUME_SAFE_FIELDS)}"
+    assert intervals <= RESUME_SAFE_FIELDS, (
+        f"cadences missing from RESUME_SAFE_FIELDS: {sorted(intervals - RESUME_SAFE_FIELDS)}"
+    )
 
 
 def test_resume_point_accepts_the_config_it_saved(tmp_path, tiny_model, tokenizer):
@@ -274,7 +310,10 @@ def test_logger_writes_one_record_per_call_with_its_step(tmp_path):
     logger.log({"train/loss": torch.tensor(2.5), "lr": 1e-3}, 0)
     logger.log({"val/loss": 1.25}, 1)
     logger.finish()
-    assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 0, "train/loss": 2.5, "lr": 1e-3}, {"step": 1, "val/loss": 1.25}]
+    assert read_metrics(tmp_path / "metrics.jsonl") == [
+        {"step": 0, "train/loss": 2.5, "lr": 1e-3},
+        {"step": 1, "val/loss": 1.25},
+    ]
 
 
 def test_logger_on_resume_drops_records_from_the_resumed_step_on(tmp_path):
