@@ -70,9 +70,8 @@ from dgx_spark_summary_from_human_feedback.models import (
 from dgx_spark_summary_from_human_feedback.preprocess import load_stage_data
 from dgx_spark_summary_from_human_feedback.tracking import (
     Logger,
-    accuracy_by,
+    accuracy_tables,
     config_table,
-    markdown_table,
     plot_curves,
     read_metrics,
 )
@@ -136,7 +135,8 @@ class Config:
     precision: Precision = "auto"
     """auto = fp32 weights + bf16 autocast on CUDA, fp32 on CPU"""
     gradient_checkpointing: bool = False
-    """recompute activations in the backward pass (runs two full rows per comparison: the KV-cache sharing needs the cache)"""
+    """recompute activations in the backward pass (runs two full rows per comparison: the KV-cache sharing
+    needs the cache)"""
     strategy: Strategy = "ddp"
     """under torchrun: ddp (replicas) or fsdp2 (sharded weights and optimizer state)"""
     query_length: int = 512
@@ -347,8 +347,7 @@ def evaluate_splits(logprobs_fn, ds, eval_sets: dict, reference: dict, cfg: Conf
         rows = ds[split].select(range(len(data)))
         sections.append(
             f"### {split}: implicit-reward accuracy {accuracy:.4f} (n={len(data)})\n\n"
-            f"By confidence:\n\n{markdown_table(accuracy_by(chosen, rejected, rows['confidence']), ['group', 'n', 'accuracy'])}\n\n"
-            f"By policy pair:\n\n{markdown_table(accuracy_by(chosen, rejected, rows['policies']), ['group', 'n', 'accuracy'])}\n"
+            + accuracy_tables(chosen, rejected, rows, {"confidence": "confidence", "policies": "policy pair"})
         )
     return metrics, "\n".join(sections)
 
@@ -387,7 +386,8 @@ def main(cfg: Config) -> dict:
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch(len(train), cfg.batch_size)
     warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
     print(
-        f"train {len(train)} comparisons, {total_steps} steps of {cfg.batch_size} = {cfg.micro_batch_size} x {grad_accum_steps} x {runtime.world_size} processes"
+        f"train {len(train)} comparisons, {total_steps} steps of {cfg.batch_size} = {cfg.micro_batch_size} x "
+        f"{grad_accum_steps} x {runtime.world_size} processes"
     )
 
     # ---- policy, reference log-probs, optimizer
@@ -419,7 +419,8 @@ def main(cfg: Config) -> dict:
             save_reference(out / REFERENCE_FILE, reference, metadata)
         runtime.barrier()
         print(
-            f"reference log-probs of {sum(len(d) for d in splits.values())} comparisons in {time.time() - t:.0f} s -> {out / REFERENCE_FILE}"
+            f"reference log-probs of {sum(len(d) for d in splits.values())} comparisons in {time.time() - t:.0f} s -> "
+            f"{out / REFERENCE_FILE}"
         )
     else:
         print(f"reference log-probs read from {out / REFERENCE_FILE}")
@@ -537,7 +538,8 @@ def write_report(out: Path, config: dict, metrics: dict, text: str) -> None:
     )
     results = "\n".join(f"- **{k}**: {v:.4f}" for k, v in metrics.items())
     (out / "report.md").write_text(
-        f"# DPO report\n\nbeta {config['beta']}, label smoothing {config['label_smoothing']}, reference: `{config['sft_path']}` "
+        f"# DPO report\n\nbeta {config['beta']}, label smoothing {config['label_smoothing']}, reference: "
+        f"`{config['sft_path']}` "
         f"(log-probs in `{REFERENCE_FILE}`).\n\n## Results\n\n{results}\n\n![loss and accuracy](curves.png)\n\n"
         f"![rewards and log-probs](curves_logps.png)\n\n## Implicit-reward accuracy\n\n"
         f"A comparison counts as right when beta * (logp - ref_logp) is higher for the chosen summary.\n\n{text}\n\n"

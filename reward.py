@@ -63,7 +63,7 @@ from dgx_spark_summary_from_human_feedback.models import (
 from dgx_spark_summary_from_human_feedback.preprocess import load_stage_data
 from dgx_spark_summary_from_human_feedback.tracking import (
     Logger,
-    accuracy_by,
+    accuracy_tables,
     config_table,
     markdown_table,
     plot_curves,
@@ -97,7 +97,8 @@ from dgx_spark_summary_from_human_feedback.training import (
 @dataclass
 class Config:
     preset: Literal["spark", "quick", "smoke"] = "spark"
-    """spark: the full recipe; quick: ~1 h on one Spark (Qwen2.5-0.5B, a slice of the Hub data); smoke: tiny model + bundled fixtures, offline on CPU"""
+    """spark: the full recipe; quick: ~1 h on one Spark (Qwen2.5-0.5B, a slice of the Hub data); smoke: tiny
+    model + bundled fixtures, offline on CPU"""
     sft_path: str = "out/sft"
     """SFT checkpoint: the backbone (N+ detail 9) and always the tokenizer"""
     base_model: str | None = None
@@ -349,12 +350,13 @@ def evaluate_splits(model, ds, cfg: Config, runtime, out: Path) -> tuple[dict, s
         )
         curve = calibration(chosen, rejected, out / f"calibration_{split}.png", f"{split} (n={len(data)})")
         sections.append(
-            f'### {split}: accuracy {accuracy:.4f} [95% CI {low:.3f}, {high:.3f}] (n={len(data)}, labels: {labels}); "the longer summary wins": {length_rule:.4f}\n\n'
+            f"### {split}: accuracy {accuracy:.4f} [95% CI {low:.3f}, {high:.3f}] (n={len(data)}, labels: {labels}); "
+            f'"the longer summary wins": {length_rule:.4f}\n\n'
             f"![calibration](calibration_{split}.png)\n\n"
-            f"By confidence:\n\n{markdown_table(accuracy_by(chosen, rejected, data['confidence']), ['group', 'n', 'accuracy'])}\n\n"
-            f"By policy pair:\n\n{markdown_table(accuracy_by(chosen, rejected, data['policies']), ['group', 'n', 'accuracy'])}\n\n"
-            f"By batch:\n\n{markdown_table(accuracy_by(chosen, rejected, data['batch']), ['group', 'n', 'accuracy'])}\n\n"
-            f"Calibration:\n\n{markdown_table(curve, ['mean_abs_diff', 'n', 'accuracy', 'ideal'])}\n"
+            + accuracy_tables(
+                chosen, rejected, data, {"confidence": "confidence", "policies": "policy pair", "batch": "batch"}
+            )
+            + f"Calibration:\n\n{markdown_table(curve, ['mean_abs_diff', 'n', 'accuracy', 'ideal'])}\n"
         )
     return metrics, "\n".join(sections)
 
@@ -370,7 +372,8 @@ def main(cfg: Config) -> None:
         output_dir = cfg.output_dir or f"{cfg.reward_path.rstrip('/')}-eval"
         if any((Path(output_dir).expanduser() / name).exists() for name in ("model.safetensors", "checkpoints")):
             raise InputError(
-                f"--output-dir {output_dir} holds a training run, whose metrics and report --eval-only would overwrite: pass another --output-dir"
+                f"--output-dir {output_dir} holds a training run, whose metrics and report --eval-only would "
+                "overwrite: pass another --output-dir"
             )
     out = make_output_dir(output_dir)
     config = dataclasses.asdict(cfg)
@@ -412,7 +415,8 @@ def main(cfg: Config) -> None:
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch(len(train), cfg.batch_size)
     warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
     print(
-        f"train {len(train)} comparisons, {total_steps} steps of {cfg.batch_size} = {cfg.micro_batch_size} x {grad_accum_steps} x {runtime.world_size} processes"
+        f"train {len(train)} comparisons, {total_steps} steps of {cfg.batch_size} = {cfg.micro_batch_size} x "
+        f"{grad_accum_steps} x {runtime.world_size} processes"
     )
 
     # ---- model and optimizer
@@ -534,10 +538,12 @@ def main(cfg: Config) -> None:
     results = "\n".join(f"- **{k}**: {v:.4f}" for k, v in {**metrics, **norm}.items())
     during = [r["val/accuracy"] for r in records if "val/accuracy" in r]  # step 0 is the untrained head on its backbone
     if during:
-        results = f"- **val/accuracy** ({len(val_rows)} validation pairs): step 0 {during[0]:.4f} -> end {during[-1]:.4f}\n{results}"
+        accuracy = f"step 0 {during[0]:.4f} -> end {during[-1]:.4f}"
+        results = f"- **val/accuracy** ({len(val_rows)} validation pairs): {accuracy}\n{results}"
     (out / "report.md").write_text(
         f"# Reward model report\n\n## Results\n\n{results}\n\n![training curves](curves.png)\n\n"
-        f"## Normalisation\n\nMean score of {len(sft)} SFT reference summaries: {norm['norm/reference_mean_before']:.4f} before, "
+        f"## Normalisation\n\nMean score of {len(sft)} SFT reference summaries: "
+        f"{norm['norm/reference_mean_before']:.4f} before, "
         f"{norm['norm/reference_mean_after']:.2e} after (config.score_bias = {model.config.score_bias:.4f}).\n\n"
         f"## Evaluation\n\n{text}\n\n## Config\n\n{config_table(config)}\n"
     )

@@ -78,7 +78,8 @@ from dgx_spark_summary_from_human_feedback.training import (
 @dataclass
 class Config:
     preset: Literal["spark", "quick", "smoke"] = "spark"
-    """spark: the full recipe; quick: ~1 h on one Spark (Qwen2.5-0.5B, a slice of the Hub data); smoke: tiny model + bundled fixtures, offline on CPU"""
+    """spark: the full recipe; quick: ~1 h on one Spark (Qwen2.5-0.5B, a slice of the Hub data); smoke: tiny
+    model + bundled fixtures, offline on CPU"""
     model: str = "Qwen/Qwen2.5-0.5B"
     """base model (Hub name or directory); `tiny` builds the random 2-layer Qwen2 of tiny.py"""
     dataset: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
@@ -307,7 +308,8 @@ def main(cfg: Config) -> None:
     grad_accum_steps = micro_batch_layout(cfg.batch_size, cfg.micro_batch_size, runtime.world_size)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch(len(train), cfg.batch_size)
     print(
-        f"train {len(train)} rows, {total_steps} steps of {cfg.batch_size} = {cfg.micro_batch_size} x {grad_accum_steps} x {runtime.world_size} processes"
+        f"train {len(train)} rows, {total_steps} steps of {cfg.batch_size} = {cfg.micro_batch_size} x "
+        f"{grad_accum_steps} x {runtime.world_size} processes"
     )
 
     # ---- model and optimizer
@@ -436,7 +438,8 @@ def write_report(out: Path, config: dict, final: dict, table: list[dict]) -> Non
         else ["query", "reference", "generation"]
     )
     (out / "report.md").write_text(
-        f"# SFT report\n\n## Results\n\n| metric | step 0 (base model) | end |\n|---|---|---|\n{results}\n\n![loss curves](loss.png)\n\n"
+        "# SFT report\n\n## Results\n\n| metric | step 0 (base model) | end |\n|---|---|---|\n"
+        f"{results}\n\n![loss curves](loss.png)\n\n"
         f"## Samples (validation, temperature {config['eval_temperature']})\n\n{markdown_table(table, columns)}\n\n"
         f"## Config\n\n{config_table(config)}\n"
     )

@@ -100,7 +100,8 @@ def check_shared(out: Path, option: str = "--output-dir") -> None:
     if blind:
         raise InputError(
             f"{option} {out} is not shared storage: {', '.join(blind)} cannot see what rank 0 writes there; "
-            "on several machines put it (and the input checkpoints) on a shared filesystem mounted at the same path on every machine"
+            "on several machines put it (and the input checkpoints) on a shared filesystem mounted at the same path on "
+            "every machine"
         )
 
 
@@ -181,7 +182,8 @@ def load_state(step_dir: Path) -> dict:
         return torch.load(step_dir / STATE_FILE, weights_only=True, map_location="cpu")
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file becomes one line
         raise InputError(
-            f"{step_dir / STATE_FILE} cannot be read ({type(e).__name__}): delete that checkpoint directory to resume from an earlier one"
+            f"{step_dir / STATE_FILE} cannot be read ({type(e).__name__}): delete that checkpoint directory to resume "
+            "from an earlier one"
         ) from None
 
 

@@ -307,7 +307,8 @@ def _load_files(files: dict[str, str], dataset: str, features: datasets.Features
             ):  # "An error occurred while generating the dataset" wraps the parser's own message
                 cause = cause.__cause__
             raise InputError(
-                f"{file}: cannot be read as {builder} ({type(cause).__name__}: {(str(cause).splitlines() or [''])[0][:200]})"
+                f"{file}: cannot be read as {builder} ({type(cause).__name__}: "
+                f"{(str(cause).splitlines() or [''])[0][:200]})"
             ) from None
         finally:
             datasets.logging.set_verbosity(verbosity)
@@ -380,7 +381,8 @@ def load_processed(dataset: str, splits: tuple[str, ...], revision: str | None =
             ) from None
         except Exception as e:  # noqa: BLE001 - a cut or damaged save_to_disk directory becomes one line
             raise InputError(
-                f"{dataset} cannot be read as a processed dataset ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}): run process_*_dataset again"
+                f"{dataset} cannot be read as a processed dataset ({type(e).__name__}: "
+                f"{(str(e).splitlines() or [''])[0][:200]}): run process_*_dataset again"
             ) from None
     else:
         if dataset.startswith((".", "/", "~")):

@@ -263,7 +263,8 @@ def main(cfg: Config) -> dict:
         raise InputError("--head-to-head needs two --policy checkpoints")
     if cfg.head_to_head_against is not None and cfg.head_to_head_against not in cfg.policy:
         raise InputError(
-            f"--head-to-head-against {cfg.head_to_head_against} is not one of the --policy paths: pass it as --policy too"
+            f"--head-to-head-against {cfg.head_to_head_against} is not one of the --policy paths: pass it as --policy "
+            "too"
         )
     out = make_output_dir(cfg.output_dir)
     rows = load_rows(cfg.dataset, cfg.split, cfg.num_samples, None)
@@ -325,9 +326,13 @@ def main(cfg: Config) -> dict:
 
 def write_report(out: Path, cfg: Config, summary: dict, head_to_head: dict, head_to_head_against: dict, n: int) -> None:
     rm_judge = f"reward model `{cfg.reward_path}` (normalised; a win is score(policy) > score(reference))"
-    llm_judge = f"`{cfg.judge_model}` at `{cfg.judge_url}` with the N+ judge prompt (below), A/B order randomised (seed {cfg.seed})"
+    llm_judge = (
+        f"`{cfg.judge_model}` at `{cfg.judge_url}` with the N+ judge prompt (below), "
+        f"A/B order randomised (seed {cfg.seed})"
+    )
     lines = [
-        f"# Evaluation\n\n{n} posts of `{cfg.dataset}` ({cfg.split}), temperature {cfg.temperature}, at most {cfg.max_new_tokens} new tokens.\n"
+        f"# Evaluation\n\n{n} posts of `{cfg.dataset}` ({cfg.split}), temperature {cfg.temperature}, at most "
+        f"{cfg.max_new_tokens} new tokens.\n"
     ]
     for path, s in summary.items():
         lines.append(f"## `{path}`\n")
@@ -348,7 +353,8 @@ def write_report(out: Path, cfg: Config, summary: dict, head_to_head: dict, head
         lines.append("")
     if head_to_head_against:
         lines.append(
-            f"## Head to head against `{cfg.head_to_head_against}`\n\nWin rate of each policy's summary over this one's on the same post (ties count half).\n"
+            f"## Head to head against `{cfg.head_to_head_against}`\n\nWin rate of each policy's summary over this "
+            "one's on the same post (ties count half).\n"
         )
         for path, rates in head_to_head_against.items():
             if "rm" in rates:

@@ -102,7 +102,8 @@ def static_decoder(model, queries: torch.Tensor, query_mask: torch.Tensor, max_n
 
     if any(kind != "full_attention" for kind in getattr(model.config, "layer_types", None) or []):
         raise InputError(
-            f"static decoding needs full attention in every layer ({model.config.model_type} has sliding-window layers): use --decoding eager"
+            f"static decoding needs full attention in every layer ({model.config.model_type} has sliding-window "
+            "layers): use --decoding eager"
         )
     B, Tq = queries.shape
     logits, prefilled = prefill(model, queries, query_mask)
@@ -193,7 +194,8 @@ def generate(
     """
     if decoding == "cuda_graph" and queries.device.type != "cuda":
         raise InputError(
-            f"decoding cuda_graph needs a CUDA device (the model is on {queries.device.type}): use --decoding static or eager"
+            f"decoding cuda_graph needs a CUDA device (the model is on {queries.device.type}): use --decoding static "
+            "or eager"
         )
     if decoding == "eager":
         logits, decode = eager_decoder(model, queries, query_mask)
@@ -319,7 +321,8 @@ def load_rows(dataset: str | None, split: str, num_samples: int, prompt_file: st
                 row = {"subreddit": "", "title": "", "post": row}
             if not isinstance(row, dict):
                 raise InputError(
-                    f"{prompt_file} line {n}: {type(row).__name__}, expected a post string or an object with subreddit, title, post"
+                    f"{prompt_file} line {n}: {type(row).__name__}, expected a post string or an object with "
+                    "subreddit, title, post"
                 )
             row.setdefault("id", f"line{n}")
             rows.append(row)

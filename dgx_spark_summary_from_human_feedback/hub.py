@@ -49,7 +49,10 @@ def _explain(action: str, e: BaseException) -> str | None:
     if isinstance(e, DatasetNotFoundError):
         return f"{action}: {_first_line(e)} Check the name, or set HF_TOKEN for a private or gated dataset"
     if isinstance(e, OfflineModeIsEnabled):
-        return f"{action}: HF_HUB_OFFLINE=1 is set and it is not in the local cache: unset HF_HUB_OFFLINE, or pass local files"
+        return (
+            f"{action}: HF_HUB_OFFLINE=1 is set and it is not in the local cache: "
+            "unset HF_HUB_OFFLINE, or pass local files"
+        )
     if _is_network_error(e):
         return f"{action}: cannot reach the Hub ({type(e).__name__}: {_first_line(e)}): check the network and try again"
     return None
@@ -98,5 +101,6 @@ def check_push_target(repo_id: str) -> None:
     namespace = repo_id.split("/")[0] if "/" in repo_id else me["name"]
     if namespace not in namespaces:
         raise InputError(
-            f"--push-to-hub {repo_id}: the token's user {me['name']} may not create repositories under {namespace!r}: push to one of {namespaces}"
+            f"--push-to-hub {repo_id}: the token's user {me['name']} may not create repositories under {namespace!r}: "
+            f"push to one of {namespaces}"
         )

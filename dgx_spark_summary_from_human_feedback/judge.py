@@ -125,7 +125,8 @@ class Judge:
             except urllib.error.HTTPError as e:
                 if e.code != 429 and e.code < 500:
                     raise JudgeError(
-                        f"judge {self.url} answered HTTP {e.code}: check --judge-url, --judge-model and the API key variable"
+                        f"judge {self.url} answered HTTP {e.code}: check --judge-url, --judge-model and the API key "
+                        "variable"
                     ) from None
                 error = f"HTTP {e.code}"
             except (urllib.error.URLError, TimeoutError, ConnectionError) as e:

@@ -45,7 +45,8 @@ def check_checkpoint(path: str, want: str) -> None:
         except (OSError, ValueError) as e:
             first = (str(e).splitlines() or [""])[0][:200]
             raise InputError(
-                f"{path} is not a local checkpoint and not a model on the Hugging Face Hub ({first}): check the name; offline (HF_HUB_OFFLINE=1) it must be in the cache"
+                f"{path} is not a local checkpoint and not a model on the Hugging Face Hub ({first}): check the name; "
+                "offline (HF_HUB_OFFLINE=1) it must be in the cache"
             ) from None
         if want == "reward" and not any(a.endswith("ForSequenceClassification") for a in archs):
             raise InputError(
@@ -67,11 +68,13 @@ def check_checkpoint(path: str, want: str) -> None:
     weights = sorted(p.glob("*.safetensors"))
     if not weights and any(p.glob("pytorch_model*.bin")):  # pickle: loading it can run code
         raise InputError(
-            f"{path} holds only pickle weights (pytorch_model*.bin), and only safetensors are loaded: re-save it with save_pretrained(..., safe_serialization=True)"
+            f"{path} holds only pickle weights (pytorch_model*.bin), and only safetensors are loaded: re-save it with "
+            "save_pretrained(..., safe_serialization=True)"
         )
     if not weights:
         raise InputError(
-            f"{path} has no model weights (model.safetensors): rerun the stage that wrote it (with --resume), or delete that checkpoint directory"
+            f"{path} has no model weights (model.safetensors): rerun the stage that wrote it (with --resume), or "
+            "delete that checkpoint directory"
         )
     for file in weights:
         try:
@@ -79,7 +82,8 @@ def check_checkpoint(path: str, want: str) -> None:
                 pass
         except Exception as e:  # noqa: BLE001 - SafetensorError or OSError: one line naming the file
             raise InputError(
-                f"{file} is truncated or corrupted ({str(e).splitlines()[0]}): delete that checkpoint directory or rerun the stage that wrote it"
+                f"{file} is truncated or corrupted ({str(e).splitlines()[0]}): delete that checkpoint directory or "
+                "rerun the stage that wrote it"
             ) from None
 
 
@@ -199,7 +203,8 @@ def varlen_packed(
     query, key, value = one_dtype(query, key, value)
     if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16):
         raise InputError(
-            f"{PACKED_VARLEN} attention runs on CUDA in bf16/fp16 only (got {query.device.type}, {query.dtype}): use bf16 autocast on a GPU, or {PACKED_SDPA}"
+            f"{PACKED_VARLEN} attention runs on CUDA in bf16/fp16 only (got {query.device.type}, {query.dtype}): use "
+            f"bf16 autocast on a GPU, or {PACKED_SDPA}"
         )
     from torch.nn.attention.varlen import varlen_attn
 
@@ -216,7 +221,8 @@ def varlen_packed(
         kwargs["scale"] = scaling
     elif scaling is not None and not math.isclose(scaling, q.shape[-1] ** -0.5):
         raise InputError(
-            f"this torch's varlen_attn has no scale argument and the model scales by {scaling}: use {PACKED_SDPA} or a newer torch"
+            f"this torch's varlen_attn has no scale argument and the model scales by {scaling}: use {PACKED_SDPA} or a "
+            "newer torch"
         )
     out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
     return out[None], None  # (1, N, heads, D)

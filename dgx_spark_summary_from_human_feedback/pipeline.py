@@ -35,7 +35,8 @@ REPO = Path(__file__).resolve().parents[1]  # the stage scripts live at the repo
 @dataclass
 class Config:
     preset: Literal["smoke", "quick", "spark"] = "smoke"
-    """smoke: tiny models and bundled fixtures on CPU; quick: ~1 h on one Spark (Qwen2.5-0.5B, a slice of the Hub data, PPO); spark: the full recipe on the Hub datasets"""
+    """smoke: tiny models and bundled fixtures on CPU; quick: ~1 h on one Spark (Qwen2.5-0.5B, a slice of the Hub
+    data, PPO); spark: the full recipe on the Hub datasets"""
     output_dir: str = "out/pipeline"
     """OUT/sft, OUT/reward, OUT/ppo, OUT/eval and the combined OUT/report.md"""
     nproc_per_node: int = 1
@@ -89,7 +90,8 @@ def main(cfg: Config) -> None:
         raise InputError(f"--methods {cfg.methods!r}: pick from {', '.join(METHODS)} (comma-separated)")
     if cfg.preset == "quick" and methods != ["ppo"]:
         raise InputError(
-            f"--preset quick sizes SFT, reward model and PPO only (not {', '.join(m for m in methods if m != 'ppo')}): drop --methods or use --preset spark"
+            f"--preset quick sizes SFT, reward model and PPO only (not {', '.join(m for m in methods if m != 'ppo')}): "
+            "drop --methods or use --preset spark"
         )
     out = Path(cfg.output_dir).resolve()
     sft, rm, ev = out / "sft", out / "reward", out / "eval"
@@ -152,7 +154,8 @@ def _rate(w: dict | None) -> str:
 
 def write_report(out: Path, cfg: Config, methods: list[str], result: dict, times: dict) -> None:
     label = (
-        " (offline smoke run: tiny random-init model on bundled fixtures; the numbers show the pipeline works, not summary quality)"
+        " (offline smoke run: tiny random-init model on bundled fixtures; the numbers show the pipeline works, not "
+        "summary quality)"
         if cfg.preset == "smoke"
         else ""
     )
@@ -185,13 +188,15 @@ def write_report(out: Path, cfg: Config, methods: list[str], result: dict, times
             val = [r for r in records if "val/rewards/accuracies" in r]
             final = {k: v for r in records for k, v in r.items()}
             lines.append(
-                f"- DPO: implicit-reward accuracy {val[0]['val/rewards/accuracies']:.3f} -> {final.get('eval/validation/accuracy', float('nan')):.3f} (validation)"
+                f"- DPO: implicit-reward accuracy {val[0]['val/rewards/accuracies']:.3f} -> "
+                f"{final.get('eval/validation/accuracy', float('nan')):.3f} (validation)"
                 if val
                 else "- DPO: no evaluation logged"
             )
         else:
             lines.append(
-                f"- {m.upper()}: score {records[0]['objective/scores']:.3f} -> {records[-1]['objective/scores']:.3f}, KL {records[-1]['objective/kl']:.3f}"
+                f"- {m.upper()}: score {records[0]['objective/scores']:.3f} -> {records[-1]['objective/scores']:.3f}, "
+                f"KL {records[-1]['objective/kl']:.3f}"
                 if records
                 else f"- {m.upper()}: no updates logged"
             )
@@ -208,7 +213,9 @@ def write_report(out: Path, cfg: Config, methods: list[str], result: dict, times
         "|" + "---|" * header.count(" |"),
     ]
     for name, (path, s) in zip(names, result["summary"].items()):
-        row = f"| {name.lower()} | {s['rougeL']:.3f} | {s['mean_length']:.1f} | {s['no_eos_rate']:.3f} | {s.get('score', float('nan')):.3f} | {_rate(s.get('rm_win_rate'))} |"
+        score = s.get("score", float("nan"))
+        row = f"| {name.lower()} | {s['rougeL']:.3f} | {s['mean_length']:.1f} | {s['no_eos_rate']:.3f} | {score:.3f} |"
+        row += f" {_rate(s.get('rm_win_rate'))} |"
         row += f" {_rate(s.get('judge_win_rate'))} |" if judge else ""
         if against:
             h = against.get(path, {})
@@ -219,7 +226,8 @@ def write_report(out: Path, cfg: Config, methods: list[str], result: dict, times
     if "rm" in result["head_to_head"]:
         h = result["head_to_head"]["rm"]
         lines.append(
-            f"\nSFT vs {names[1]} head to head (reward-model judge): SFT wins {h['win_rate']:.3f} [{h['ci_low']:.3f}, {h['ci_high']:.3f}], n={h['n']}."
+            f"\nSFT vs {names[1]} head to head (reward-model judge): SFT wins {h['win_rate']:.3f} [{h['ci_low']:.3f}, "
+            f"{h['ci_high']:.3f}], n={h['n']}."
         )
     lines.append("\nFull evaluation: [eval/report.md](eval/report.md)\n")
     for rel, title in figures.items():

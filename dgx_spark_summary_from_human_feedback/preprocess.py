@@ -60,7 +60,8 @@ def _text(row: dict, key: str, where: str, *, allow_empty: bool = True) -> str:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise InputError(
-            f"row {_row_id(row)}: field '{where}{key}' holds an unpaired surrogate (invalid Unicode): fix the source text"
+            f"row {_row_id(row)}: field '{where}{key}' holds an unpaired surrogate (invalid Unicode): fix the source "
+            "text"
         ) from None
     return value
 
@@ -120,7 +121,8 @@ class Report:
 
 
 def format_report(report: Report, stats: dict) -> str:
-    """The report as text: rows in and out per split (with length statistics when given), cut and dropped rows by reason."""
+    """The report as text: rows in and out per split (with length statistics when given), cut and dropped rows
+    by reason."""
     lines = []
     for split in stats:
         lines.append(f"{split}: {report.rows_in[split]} rows in, {report.rows_out[split]} out")
@@ -170,7 +172,8 @@ def _stop_if_emptied(splits: list[str], report: Report) -> None:
     if splits:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(report.dropped.items()))
         raise InputError(
-            f"split {splits[0]!r}: all {report.rows_in[splits[0]]} rows were dropped (drops in all splits: {reasons}): fix the rows, raise --response-length or pass --long-response truncate"
+            f"split {splits[0]!r}: all {report.rows_in[splits[0]]} rows were dropped (drops in all splits: {reasons}): "
+            "fix the rows, raise --response-length or pass --long-response truncate"
         )
 
 
@@ -470,7 +473,8 @@ def load_stage_data(
     top = max(max(max(ids) for ids in ds[s][:256][key]) for s in splits)
     if top >= len(tokenizer):
         raise InputError(
-            f"{dataset}: token id {top} is outside the tokenizer's {len(tokenizer)} ids: the data was made with another tokenizer"
+            f"{dataset}: token id {top} is outside the tokenizer's {len(tokenizer)} ids: the data was made with "
+            "another tokenizer"
         )
     check_same_tokenizer(ds[splits[0]], tokenizer, dataset)
     return ds
@@ -494,8 +498,10 @@ def check_same_tokenizer(rows: datasets.Dataset, tokenizer: PreTrainedTokenizerB
     )
     if recorded and recorded != vocabulary_sha256(tokenizer):
         raise InputError(
-            f"{dataset} was processed with another tokenizer (vocabulary sha256 {recorded[:12]}..., this run's {vocabulary_sha256(tokenizer)[:12]}...): "
-            "pass the raw data (processed now with the run's tokenizer) or process it again with this model's --tokenizer"
+            f"{dataset} was processed with another tokenizer (vocabulary sha256 {recorded[:12]}..., this run's "
+            f"{vocabulary_sha256(tokenizer)[:12]}...): "
+            "pass the raw data (processed now with the run's tokenizer) or process it again with this model's "
+            "--tokenizer"
         )
     if "query" not in rows.column_names:
         return
@@ -503,7 +509,9 @@ def check_same_tokenizer(rows: datasets.Dataset, tokenizer: PreTrainedTokenizerB
         expected = encode(tokenizer, row["query"])
         if list(row["query_token"][len(row["query_token"]) - len(expected) :]) != expected:
             raise InputError(
-                f"{dataset}: row {row.get('id', '?')}: its query_token ids are not this tokenizer's encoding of its query text, so it was "
-                "processed with another tokenizer (N+'s datasets: Pythia's): pass the raw data (processed now with the run's tokenizer) "
+                f"{dataset}: row {row.get('id', '?')}: its query_token ids are not this tokenizer's encoding of its "
+                "query text, so it was "
+                "processed with another tokenizer (N+'s datasets: Pythia's): pass the raw data (processed now with the "
+                "run's tokenizer) "
                 "or process it again with this model's --tokenizer"
             )

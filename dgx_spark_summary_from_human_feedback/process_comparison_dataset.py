@@ -29,7 +29,8 @@ class Config:
     config_name: str | None = "comparisons"
     """Hub dataset config"""
     split: str | None = None
-    """split name given to a single local file (default: its stem); a file not named train/validation routes each row by its own `split` field"""
+    """split name given to a single local file (default: its stem); a file not named train/validation routes each
+    row by its own `split` field"""
     revision: str | None = None
     """Hub revision of the dataset"""
     tokenizer: str = "Qwen/Qwen2.5-0.5B"

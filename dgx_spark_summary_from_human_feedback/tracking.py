@@ -119,5 +119,13 @@ def accuracy_by(chosen: torch.Tensor, rejected: torch.Tensor, groups: list) -> l
     return [{"group": g, "n": len(v), "accuracy": sum(v) / len(v)} for g, v in sorted(by.items())]
 
 
+def accuracy_tables(chosen: torch.Tensor, rejected: torch.Tensor, rows, groups: dict[str, str]) -> str:
+    """One "By <title>:" accuracy table per column of `rows` in `groups` ({column: title})."""
+    tables = (
+        markdown_table(accuracy_by(chosen, rejected, rows[column]), ["group", "n", "accuracy"]) for column in groups
+    )
+    return "".join(f"By {title}:\n\n{table}\n\n" for title, table in zip(groups.values(), tables))
+
+
 def config_table(config: dict) -> str:
     return markdown_table([{"field": k, "value": v} for k, v in config.items()], ["field", "value"])

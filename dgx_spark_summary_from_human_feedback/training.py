@@ -193,7 +193,8 @@ def micro_batch_layout(batch_size: int, micro_batch_size: int, world_size: int =
     per_rank, rest = divmod(batch_size, world_size)
     if rest or per_rank % micro_batch_size:
         raise InputError(
-            f"--batch-size {batch_size} is not divisible by --micro-batch-size {micro_batch_size} x {world_size} process(es): "
+            f"--batch-size {batch_size} is not divisible by --micro-batch-size {micro_batch_size} x {world_size} "
+            "process(es): "
             "pick sizes where batch = micro x grad-accum x processes"
         )
     return per_rank // micro_batch_size
