@@ -152,31 +152,23 @@ def _rate(w: dict | None) -> str:
     return f"{w['win_rate']:.3f} [{w['ci_low']:.3f}, {w['ci_high']:.3f}] n={w['n']}"
 
 
-def write_report(out: Path, cfg: Config, methods: list[str], result: dict, times: dict) -> None:
-    label = (
-        " (offline smoke run: tiny random-init model on bundled fixtures; the numbers show the pipeline works, not "
-        "summary quality)"
-        if cfg.preset == "smoke"
-        else ""
-    )
+FIGURES = {
+    "sft/loss.png": "SFT loss",
+    "reward/curves.png": "reward model training",
+    "reward/calibration_validation.png": "reward model calibration",
+    "ppo/curves.png": "PPO score, KL, length",
+    "dpo/curves.png": "DPO loss and implicit-reward accuracy",
+    "grpo/curves.png": "GRPO score, KL, length",
+    "eval/winrate_vs_length.png": "win rate vs length",
+    "eval/score_histogram.png": "score histogram",
+}
+
+
+def stage_lines(out: Path, methods: list[str]) -> list[str]:
+    """One line per stage: how its headline metric moved."""
     sft_final = [r for r in read_metrics(out / "sft" / "metrics.jsonl") if "val/loss" in r]
     rm_final = read_metrics(out / "reward" / "metrics.jsonl")[-1]
-    figures = {
-        "sft/loss.png": "SFT loss",
-        "reward/curves.png": "reward model training",
-        "reward/calibration_validation.png": "reward model calibration",
-        "ppo/curves.png": "PPO score, KL, length",
-        "dpo/curves.png": "DPO loss and implicit-reward accuracy",
-        "grpo/curves.png": "GRPO score, KL, length",
-        "eval/winrate_vs_length.png": "win rate vs length",
-        "eval/score_histogram.png": "score histogram",
-    }
-    lines = [f"# Pipeline report{label}\n", "| stage | wall time (s) |", "|---|---|"] + [
-        f"| {k} | {v:.0f} |" for k, v in times.items()
-    ]
-    lines += [
-        "",
-        "## Stages\n",
+    lines = [
         f"- SFT: validation loss {sft_final[0]['val/loss']:.3f} -> {sft_final[-1]['val/loss']:.3f}"
         if sft_final
         else "- SFT: no validation loss logged",
@@ -200,6 +192,20 @@ def write_report(out: Path, cfg: Config, methods: list[str], result: dict, times
                 if records
                 else f"- {m.upper()}: no updates logged"
             )
+    return lines
+
+
+def write_report(out: Path, cfg: Config, methods: list[str], result: dict, times: dict) -> None:
+    label = (
+        " (offline smoke run: tiny random-init model on bundled fixtures; the numbers show the pipeline works, not "
+        "summary quality)"
+        if cfg.preset == "smoke"
+        else ""
+    )
+    lines = [f"# Pipeline report{label}\n", "| stage | wall time (s) |", "|---|---|"] + [
+        f"| {k} | {v:.0f} |" for k, v in times.items()
+    ]
+    lines += ["", "## Stages\n", *stage_lines(out, methods)]
     names = ["SFT"] + [m.upper() for m in methods]
     judge = f"LLM judge `{cfg.judge_model}`" if cfg.judge_url else None
     against = result.get("head_to_head_against") or {}
@@ -230,7 +236,7 @@ def write_report(out: Path, cfg: Config, methods: list[str], result: dict, times
             f"{h['ci_high']:.3f}], n={h['n']}."
         )
     lines.append("\nFull evaluation: [eval/report.md](eval/report.md)\n")
-    for rel, title in figures.items():
+    for rel, title in FIGURES.items():
         if (out / rel).exists():
             lines.append(f"### {title}\n\n![{title}]({rel})\n")
             if cfg.assets_dir:
