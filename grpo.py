@@ -44,20 +44,65 @@ import torch
 from tqdm import tqdm
 
 from dgx_spark_summary_from_human_feedback import cli, tiny
-from dgx_spark_summary_from_human_feedback.checkpoint import export_final, make_output_dir, push_run, resume_point, rng_state, save_checkpoint, set_rng_state, write_text_atomic
+from dgx_spark_summary_from_human_feedback.checkpoint import (
+    export_final,
+    make_output_dir,
+    push_run,
+    resume_point,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    write_text_atomic,
+)
 from dgx_spark_summary_from_human_feedback.data import Lengths, load_tokenizer
 from dgx_spark_summary_from_human_feedback.errors import InputError
 from dgx_spark_summary_from_human_feedback.generation import Decoding
-from dgx_spark_summary_from_human_feedback.models import check_checkpoint, disable_dropout, get_score, load_policy, load_reward_model, logprobs_from_logits, response_logits
+from dgx_spark_summary_from_human_feedback.models import (
+    check_checkpoint,
+    disable_dropout,
+    get_score,
+    load_policy,
+    load_reward_model,
+    logprobs_from_logits,
+    response_logits,
+)
 from dgx_spark_summary_from_human_feedback.preprocess import load_stage_data
 from dgx_spark_summary_from_human_feedback.rollout import (
-    Rollout, ScoreFn, entropy_from_logits, first_real_column, kl_rewards, masked_mean, minibatch_order, process_means, query_batch, rollout,
-)  # fmt: skip
-from dgx_spark_summary_from_human_feedback.tracking import Logger, config_table, markdown_table, plot_curves, read_metrics
+    Rollout,
+    ScoreFn,
+    entropy_from_logits,
+    first_real_column,
+    kl_rewards,
+    masked_mean,
+    minibatch_order,
+    process_means,
+    query_batch,
+    rollout,
+)
+from dgx_spark_summary_from_human_feedback.tracking import (
+    Logger,
+    config_table,
+    markdown_table,
+    plot_curves,
+    read_metrics,
+)
 from dgx_spark_summary_from_human_feedback.training import (
-    OptimizerKind, Precision, all_reduce_sum, batch_indices, check_finite, clip_gradients, distribute, frozen_dtype, get_lr, make_optimizer,
-    micro_batch_layout, no_sync, seed_everything, set_lr, setup_runtime,
-)  # fmt: skip
+    OptimizerKind,
+    Precision,
+    all_reduce_sum,
+    batch_indices,
+    check_finite,
+    clip_gradients,
+    distribute,
+    frozen_dtype,
+    get_lr,
+    make_optimizer,
+    micro_batch_layout,
+    no_sync,
+    seed_everything,
+    set_lr,
+    setup_runtime,
+)
 
 
 @dataclass
@@ -134,15 +179,105 @@ class Config:
 
 PRESETS = {
     "smoke": dict(
-        preset="smoke", sft_path="out/smoke/sft", reward_path="out/smoke/reward", dataset=str(tiny.SFT_DIR), output_dir="out/smoke/grpo",
-        group_size=4, total_episodes=16 * 24, batch_size=16, micro_batch_size=8, forward_batch_size=16, generation_batch_size=16,
-        lr=3e-4, response_length=24, sample_interval=6, save_interval=6,
+        preset="smoke",
+        sft_path="out/smoke/sft",
+        reward_path="out/smoke/reward",
+        dataset=str(tiny.SFT_DIR),
+        output_dir="out/smoke/grpo",
+        group_size=4,
+        total_episodes=16 * 24,
+        batch_size=16,
+        micro_batch_size=8,
+        forward_batch_size=16,
+        generation_batch_size=16,
+        lr=3e-4,
+        response_length=24,
+        sample_interval=6,
+        save_interval=6,
     ),
-}  # fmt: skip
+}
 
 
 # ---------------------------------------------------------------------------------------------
-# step 4: advantages within each group of responses to one query
+# models: the policy trained, its reference and the reward model frozen
+
+
+@dataclass
+class Models:
+    policy: torch.nn.Module
+    ref_policy: torch.nn.Module
+    score_fn: ScoreFn  # the frozen reward model's `get_score` (or a test's rule)
+    policy_logits: torch.nn.Module  # `response_logits` of the policy, DDP-wrapped under torchrun
+    optimizer: torch.optim.Optimizer
+
+
+def load_models(
+    cfg: Config, tokenizer, runtime, resume_dir: Path | None = None, score_fn: ScoreFn | None = None
+) -> Models:
+    """Policy and frozen reference from the SFT model (the policy from `resume_dir` when
+    resuming), the frozen reward model's score unless `score_fn` replaces it, and the optimizer."""
+    policy = load_policy(
+        str(resume_dir) if resume_dir else cfg.sft_path, tokenizer, dtype=runtime.param_dtype, device=runtime.device
+    )
+    ref_policy = (
+        load_policy(cfg.sft_path, tokenizer, dtype=frozen_dtype(runtime), device=runtime.device)
+        .eval()
+        .requires_grad_(False)
+    )
+    if score_fn is None:
+        reward_model = (
+            load_reward_model(cfg.reward_path, tokenizer, dtype=frozen_dtype(runtime), device=runtime.device)
+            .eval()
+            .requires_grad_(False)
+        )
+        score_fn = functools.partial(get_score, reward_model)
+    for model in (policy, ref_policy):
+        disable_dropout(model)
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+    policy_logits = distribute(policy, response_logits, runtime)  # DDP under torchrun; each process samples its share
+    optimizer = make_optimizer(
+        list(policy.parameters()),
+        lr=cfg.lr,
+        betas=(0.9, 0.999),
+        weight_decay=0.0,
+        eps=1e-5,
+        kind=cfg.optimizer,
+        device=runtime.device,
+    )
+    return Models(policy, ref_policy, score_fn, policy_logits, optimizer)
+
+
+# ---------------------------------------------------------------------------------------------
+# steps 1-2: sample group_size responses to each query, truncate, score
+
+
+def grpo_rollout(models: Models, rows: dict, cfg: Config, tokenizer, runtime, generator) -> Rollout:
+    """The rollout of one update: each of the `rows`' queries (sorted longest first, so that
+    chunks need little padding) repeated `group_size` times in a row, so that a group is
+    `group_size` consecutive responses (`rollout.rollout`, as PPO)."""
+    queries, query_mask = query_batch(rows, runtime.device)
+    queries, query_mask = queries.repeat_interleave(cfg.group_size, 0), query_mask.repeat_interleave(cfg.group_size, 0)
+    return rollout(
+        models.policy,
+        models.ref_policy,
+        models.score_fn,
+        queries,
+        query_mask,
+        tokenizer,
+        response_length=cfg.response_length,
+        temperature=cfg.temperature,
+        no_eos_score=cfg.no_eos_score,
+        generation_batch_size=cfg.generation_batch_size,
+        forward_batch_size=cfg.forward_batch_size,
+        generator=generator,
+        autocast=runtime.autocast,
+        decoding=cfg.decoding,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# steps 3-4: the return of each response, advantages within each group of responses to one query
 
 
 def group_advantages(returns: torch.Tensor, group_size: int, kind: str, eps: float = 1e-4) -> torch.Tensor:
@@ -161,16 +296,26 @@ def group_advantages(returns: torch.Tensor, group_size: int, kind: str, eps: flo
 def sequence_returns(batch: Rollout, cfg: Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Step 3: (B,) return of each response, (B, R) KL and KL-penalty rewards (the latter in
     the return only with `kl_in == "reward"`)."""
-    rewards, non_score_rewards, kl = kl_rewards(batch.logprobs, batch.ref_logprobs, batch.scores, batch.response_mask, cfg.kl_coef)
+    rewards, non_score_rewards, kl = kl_rewards(
+        batch.logprobs, batch.ref_logprobs, batch.scores, batch.response_mask, cfg.kl_coef
+    )
     returns = rewards.sum(1) if cfg.kl_in == "reward" else batch.scores  # gamma 1: the return of the first token
     return returns, kl, non_score_rewards
+
+
+def returns_and_advantages(batch: Rollout, cfg: Config) -> tuple[torch.Tensor, ...]:
+    """Steps 3-4: (B,) advantages and returns, (B, R) KL and KL-penalty rewards."""
+    returns, kl, non_score_rewards = sequence_returns(batch, cfg)
+    return group_advantages(returns, cfg.group_size, cfg.advantage), returns, kl, non_score_rewards
 
 
 # ---------------------------------------------------------------------------------------------
 # step 5: the loss and the update
 
 
-def grpo_losses(logits, responses, logprobs, ref_logprobs, advantages, mask, token_count, cliprange: float, kl_loss_coef: float) -> dict[str, torch.Tensor]:
+def grpo_losses(
+    logits, responses, logprobs, ref_logprobs, advantages, mask, token_count, cliprange: float, kl_loss_coef: float
+) -> dict[str, torch.Tensor]:
     """One micro-batch's clipped surrogate `pg_loss` (+ `kl_loss_coef` x the k3 KL estimator),
     summed over real tokens and divided by `token_count` (the minibatch's real tokens), and its
     statistics (per-token means over this micro-batch, no gradient). Shapes (B, R); `advantages`
@@ -188,13 +333,31 @@ def grpo_losses(logits, responses, logprobs, ref_logprobs, advantages, mask, tok
     loss = pg_loss + kl_loss_coef * kl_loss if kl_loss_coef else pg_loss
     with torch.no_grad():
         return {
-            "loss": loss, "pg_loss": pg_loss, "kl_loss": kl_loss, "approxkl": masked_mean(0.5 * log_ratio**2, mask),
-            "clipfrac": masked_mean(((ratio - 1).abs() > cliprange).float(), mask), "entropy": masked_mean(entropy_from_logits(logits), mask),
-            "ratio": masked_mean(ratio, mask), "pg_loss_mean": masked_mean(pg_losses, mask), "k3_mean": masked_mean(k3, mask),
-        }  # fmt: skip
+            "loss": loss,
+            "pg_loss": pg_loss,
+            "kl_loss": kl_loss,
+            "approxkl": masked_mean(0.5 * log_ratio**2, mask),
+            "clipfrac": masked_mean(((ratio - 1).abs() > cliprange).float(), mask),
+            "entropy": masked_mean(entropy_from_logits(logits), mask),
+            "ratio": masked_mean(ratio, mask),
+            "pg_loss_mean": masked_mean(pg_losses, mask),
+            "k3_mean": masked_mean(k3, mask),
+        }
 
 
-def grpo_update(policy_logits, optimizer, params, batch: Rollout, advantages, query_lengths, cfg: Config, runtime, generator, step: int, out_dir) -> dict[str, torch.Tensor]:
+def grpo_update(
+    policy_logits,
+    optimizer,
+    params,
+    batch: Rollout,
+    advantages,
+    query_lengths,
+    cfg: Config,
+    runtime,
+    generator,
+    step: int,
+    out_dir,
+) -> dict[str, torch.Tensor]:
     """Step 5: `update_epochs` passes over the rollout in shuffled minibatches, an optimizer step
     per minibatch over micro-batches (gradient accumulation). Returns each statistic of
     `grpo_losses` over all micro-batches as a (micro-batches,) tensor."""
@@ -214,30 +377,114 @@ def grpo_update(policy_logits, optimizer, params, batch: Rollout, advantages, qu
             f = first_real_column(batch.query_mask[mb])  # all-padding leading columns
             last_micro = (i + 1) % grad_accum_steps == 0 or start + micro >= n_rows
             with runtime.autocast(), no_sync(policy_logits, not last_micro):
-                logits = policy_logits(batch.query_responses[mb, f:], batch.attention_mask[mb, f:], batch.context_length - f, cfg.temperature)
-                losses = grpo_losses(logits, batch.responses[mb], batch.logprobs[mb], batch.ref_logprobs[mb], advantages[mb], mask[mb], minibatch_tokens, cfg.cliprange, kl_loss_coef)
+                logits = policy_logits(
+                    batch.query_responses[mb, f:],
+                    batch.attention_mask[mb, f:],
+                    batch.context_length - f,
+                    cfg.temperature,
+                )
+                losses = grpo_losses(
+                    logits,
+                    batch.responses[mb],
+                    batch.logprobs[mb],
+                    batch.ref_logprobs[mb],
+                    advantages[mb],
+                    mask[mb],
+                    minibatch_tokens,
+                    cfg.cliprange,
+                    kl_loss_coef,
+                )
                 losses["loss"].backward()
             for k, v in losses.items():
                 stats.setdefault(k, []).append(v.detach())
             if last_micro:
                 grad_norm = clip_gradients(params, cfg.grad_clip)
-                check_finite(step, {"loss/policy": float(losses["pg_loss"].detach()), "grad_norm": grad_norm, "objective/scores": float(batch.scores.mean())}, out_dir)
+                check_finite(
+                    step,
+                    {
+                        "loss/policy": float(losses["pg_loss"].detach()),
+                        "grad_norm": grad_norm,
+                        "objective/scores": float(batch.scores.mean()),
+                    },
+                    out_dir,
+                )
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
     return {k: torch.stack(v) for k, v in stats.items()}
 
 
+def update_metrics(
+    batch: Rollout, advantages, returns, kl, non_score_rewards, stats: dict, group_size: int, runtime
+) -> dict[str, float]:
+    """One update's record (N+ metric names where the quantity is the same), averaged over
+    processes (`val/num_eos_tokens` summed)."""
+    ratios = stats["ratio"]
+    metrics = {
+        "objective/kl": kl.sum(1).mean(),
+        "objective/entropy": (-batch.logprobs).sum(1).mean(),
+        "objective/non_score_reward": non_score_rewards.sum(1).mean(),
+        "objective/scores": batch.scores.mean(),
+        "objective/rlhf_reward": batch.scores.mean() + non_score_rewards.sum(1).mean(),
+        "objective/returns": returns.mean(),
+        "policy/approxkl_avg": stats["approxkl"].mean(),
+        "policy/clipfrac_avg": stats["clipfrac"].mean(),
+        "loss/policy_avg": stats["pg_loss_mean"].mean(),
+        "loss/kl_k3_avg": stats["k3_mean"].mean(),
+        "policy/entropy_avg": stats["entropy"].mean(),
+        "val/ratio": ratios.mean(),
+        "val/ratio_var": ratios.var() if len(ratios) > 1 else torch.zeros(()),
+        "val/num_eos_tokens": batch.has_eos.float().sum(),
+        "response_length": batch.response_mask.sum(1).mean(),
+        "no_eos_share": (~batch.has_eos).float().mean(),
+        "advantages/abs_mean": advantages.abs().mean(),
+        "groups/equal_returns_share": (returns.view(-1, group_size).std(1) == 0).float().mean(),
+    }
+    return process_means(metrics, runtime)
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
 def check_sizes(cfg: Config, world_size: int) -> int:
     """Queries per process per update; one-line errors for sizes that do not fit in groups."""
     if cfg.group_size < 2:
-        raise InputError(f"--group-size {cfg.group_size}: GRPO and RLOO need at least 2 responses per query (the others are the baseline)")
+        raise InputError(
+            f"--group-size {cfg.group_size}: GRPO and RLOO need at least 2 responses per query (the others are the baseline)"
+        )
     if cfg.batch_size % cfg.group_size:
-        raise InputError(f"--batch-size {cfg.batch_size} is not divisible by --group-size {cfg.group_size}: the batch holds whole groups")
+        raise InputError(
+            f"--batch-size {cfg.batch_size} is not divisible by --group-size {cfg.group_size}: the batch holds whole groups"
+        )
     queries, rest = divmod(cfg.batch_size // cfg.group_size, world_size)
     if rest:
-        raise InputError(f"--batch-size {cfg.batch_size} / --group-size {cfg.group_size} = {cfg.batch_size // cfg.group_size} queries do not split over {world_size} processes")
+        raise InputError(
+            f"--batch-size {cfg.batch_size} / --group-size {cfg.group_size} = {cfg.batch_size // cfg.group_size} queries do not split over {world_size} processes"
+        )
     micro_batch_layout(cfg.batch_size // cfg.num_minibatches, cfg.micro_batch_size, world_size)
     return queries
+
+
+def training_state(optimizer, sample_generator, shuffle_generator) -> dict:
+    """What a checkpoint holds besides the policy, so that a resumed run continues bit-equal."""
+    return {
+        "optimizer": optimizer.state_dict(),
+        "sample_generator": sample_generator.get_state(),
+        "shuffle_generator": shuffle_generator.get_state(),
+        "rng": rng_state(),
+    }
+
+
+def restore(resume: tuple, optimizer, sample_generator, shuffle_generator) -> int:
+    """Load `training_state`'s checkpoint (`resume`: `checkpoint.resume_point`'s (dir, state))
+    back into the optimizer and generators; returns the update to continue from."""
+    state = resume[1]
+    optimizer.load_state_dict(state["optimizer"])
+    sample_generator.set_state(state["sample_generator"])
+    shuffle_generator.set_state(state["shuffle_generator"])
+    set_rng_state(state["rng"])
+    print(f"resumed from {resume[0]} at update {state['step']}")
+    return state["step"]
 
 
 def main(cfg: Config, score_fn: ScoreFn | None = None) -> dict:
@@ -259,93 +506,74 @@ def main(cfg: Config, score_fn: ScoreFn | None = None) -> dict:
     ds = ds.with_format("torch", columns=["query_token", "query_token_len"])
     num_updates = cfg.total_episodes // cfg.batch_size
     queries_per_update = cfg.batch_size // cfg.group_size
-    print(f"{len(ds)} queries, {num_updates} updates of {queries_per_update} queries x {cfg.group_size} responses ({cfg.advantage}, KL in the {cfg.kl_in})")
+    print(
+        f"{len(ds)} queries, {num_updates} updates of {queries_per_update} queries x {cfg.group_size} responses ({cfg.advantage}, KL in the {cfg.kl_in})"
+    )
 
     # ---- models and optimizer
     resume = resume_point(out, config, cfg.allow_config_change) if cfg.resume else None
-    policy = load_policy(str(resume[0]) if resume else cfg.sft_path, tokenizer, dtype=runtime.param_dtype, device=runtime.device)
-    ref_policy = load_policy(cfg.sft_path, tokenizer, dtype=frozen_dtype(runtime), device=runtime.device).eval().requires_grad_(False)
-    if score_fn is None:
-        reward_model = load_reward_model(cfg.reward_path, tokenizer, dtype=frozen_dtype(runtime), device=runtime.device).eval().requires_grad_(False)
-        score_fn = functools.partial(get_score, reward_model)
-    for model in (policy, ref_policy):
-        disable_dropout(model)
-    if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
-    policy_logits = distribute(policy, response_logits, runtime)  # DDP under torchrun; each process samples its share
-    optimizer = make_optimizer(list(policy.parameters()), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-5, kind=cfg.optimizer, device=runtime.device)
+    models = load_models(cfg, tokenizer, runtime, resume[0] if resume else None, score_fn)
     sample_generator = torch.Generator(device=runtime.device).manual_seed(cfg.seed + runtime.rank)
     shuffle_generator = torch.Generator().manual_seed(cfg.seed)
-    start_update = 0
-    if resume:
-        state = resume[1]
-        optimizer.load_state_dict(state["optimizer"])
-        sample_generator.set_state(state["sample_generator"])
-        shuffle_generator.set_state(state["shuffle_generator"])
-        set_rng_state(state["rng"])
-        start_update = state["step"]
-        print(f"resumed from {resume[0]} at update {start_update}")
+    start_update = restore(resume, models.optimizer, sample_generator, shuffle_generator) if resume else 0
     # records are logged at update + 1: those up to the resumed update stay
-    logger = Logger(out, config, project=cfg.wandb_project, resume_step=start_update + 1 if resume else None, enabled=runtime.is_main)
+    resume_step = start_update + 1 if resume else None
+    logger = Logger(out, config, project=cfg.wandb_project, resume_step=resume_step, enabled=runtime.is_main)
     samples_file = out / "samples.jsonl"
     if runtime.is_main and samples_file.exists():  # like metrics.jsonl: keep what the resumed run will not redo
-        kept = [line for line in samples_file.read_text().splitlines() if resume and json.loads(line)["update"] <= start_update]
+        lines = samples_file.read_text().splitlines()
+        kept = [line for line in lines if resume and json.loads(line)["update"] <= start_update]
         write_text_atomic(samples_file, "".join(line + "\n" for line in kept))
 
     def checkpoint(update: int) -> None:
         if runtime.is_main:
-            state = {"optimizer": optimizer.state_dict(), "sample_generator": sample_generator.get_state(), "shuffle_generator": shuffle_generator.get_state(), "rng": rng_state()}
-            save_checkpoint(out, update, {"policy": policy}, tokenizer, state, config)
+            state = training_state(models.optimizer, sample_generator, shuffle_generator)
+            save_checkpoint(out, update, {"policy": models.policy}, tokenizer, state, config)
         runtime.barrier()
 
     # ---- loop: update -> epoch -> micro-batch
-    bar = tqdm(range(start_update, num_updates), initial=start_update, total=num_updates, disable=not runtime.is_main, desc=cfg.advantage)
+    updates = range(start_update, num_updates)
+    bar = tqdm(updates, initial=start_update, total=num_updates, disable=not runtime.is_main, desc=cfg.advantage)
     t0 = time.time()
     for update in bar:
         if update % cfg.save_interval == 0 and update > start_update:
             checkpoint(update)
         lr = get_lr(update, lr=cfg.lr, min_lr=0.0, warmup_steps=0, decay_steps=num_updates, schedule="linear")
-        set_lr(optimizer, lr)
+        set_lr(models.optimizer, lr)
 
-        # steps 1-2: this process's queries (longest first, so chunks need little padding), each
-        # repeated group_size times in a row, sampled, truncated after EOS, scored
+        # this process's queries, longest first so that the rollout's chunks need little padding
         indices = batch_indices(update, len(ds), queries_per_update, cfg.seed)[runtime.rank :: runtime.world_size]
-        indices = sorted(indices, key=lambda i: -query_lengths[i])
-        assert len(indices) == queries_per_process
-        rows = ds[indices]
-        queries, query_mask = query_batch(rows, runtime.device)
-        queries, query_mask = queries.repeat_interleave(cfg.group_size, 0), query_mask.repeat_interleave(cfg.group_size, 0)
-        batch = rollout(
-            policy, ref_policy, score_fn, queries, query_mask, tokenizer, response_length=cfg.response_length, temperature=cfg.temperature,
-            no_eos_score=cfg.no_eos_score, generation_batch_size=cfg.generation_batch_size, forward_batch_size=cfg.forward_batch_size,
-            generator=sample_generator, autocast=runtime.autocast, decoding=cfg.decoding,
-        )  # fmt: skip
-
-        # steps 3-4: returns and group advantages; step 5: the clipped-surrogate epochs
-        returns, kl, non_score_rewards = sequence_returns(batch, cfg)
-        advantages = group_advantages(returns, cfg.group_size, cfg.advantage)
+        rows = ds[sorted(indices, key=lambda i: -query_lengths[i])]
+        assert len(rows["query_token_len"]) == queries_per_process
+        batch = grpo_rollout(models, rows, cfg, tokenizer, runtime, sample_generator)  # steps 1-2
+        advantages, returns, kl, non_score_rewards = returns_and_advantages(batch, cfg)  # steps 3-4
         group_lengths = rows["query_token_len"].repeat_interleave(cfg.group_size)
-        stats = grpo_update(policy_logits, optimizer, list(policy.parameters()), batch, advantages, group_lengths, cfg, runtime, shuffle_generator, update, out)
+        stats = grpo_update(
+            models.policy_logits,
+            models.optimizer,
+            list(models.policy.parameters()),
+            batch,
+            advantages,
+            group_lengths,
+            cfg,
+            runtime,
+            shuffle_generator,
+            update,
+            out,
+        )  # step 5
 
-        # ---- log (N+ metric names where the quantity is the same)
-        ratios = stats["ratio"]
-        metrics = {
-            "objective/kl": kl.sum(1).mean(), "objective/entropy": (-batch.logprobs).sum(1).mean(),
-            "objective/non_score_reward": non_score_rewards.sum(1).mean(), "objective/scores": batch.scores.mean(),
-            "objective/rlhf_reward": batch.scores.mean() + non_score_rewards.sum(1).mean(), "objective/returns": returns.mean(),
-            "policy/approxkl_avg": stats["approxkl"].mean(), "policy/clipfrac_avg": stats["clipfrac"].mean(),
-            "loss/policy_avg": stats["pg_loss_mean"].mean(), "loss/kl_k3_avg": stats["k3_mean"].mean(), "policy/entropy_avg": stats["entropy"].mean(),
-            "val/ratio": ratios.mean(), "val/ratio_var": ratios.var() if len(ratios) > 1 else torch.zeros(()),
-            "val/num_eos_tokens": batch.has_eos.float().sum(), "response_length": batch.response_mask.sum(1).mean(),
-            "no_eos_share": (~batch.has_eos).float().mean(), "advantages/abs_mean": advantages.abs().mean(),
-            "groups/equal_returns_share": (returns.view(-1, cfg.group_size).std(1) == 0).float().mean(),
-        }  # fmt: skip
-        metrics = process_means(metrics, runtime)
-        metrics.update({"lr": lr, "episode": (update + 1) * cfg.batch_size, "episodes_per_s": (update + 1 - start_update) * cfg.batch_size / (time.time() - t0)})
+        # ---- log
+        metrics = update_metrics(batch, advantages, returns, kl, non_score_rewards, stats, cfg.group_size, runtime)
+        episodes_per_s = (update + 1 - start_update) * cfg.batch_size / (time.time() - t0)
+        metrics.update({"lr": lr, "episode": (update + 1) * cfg.batch_size, "episodes_per_s": episodes_per_s})
         if runtime.device.type == "cuda":
             metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
         logger.log(metrics, update + 1)
-        bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}", len=f"{metrics['response_length']:.1f}")
+        bar.set_postfix(
+            score=f"{metrics['objective/scores']:.3f}",
+            kl=f"{metrics['objective/kl']:.3f}",
+            len=f"{metrics['response_length']:.1f}",
+        )
         if runtime.is_main and (update % cfg.sample_interval == 0 or update == num_updates - 1):
             write_samples(out, update + 1, tokenizer, batch, advantages, rows, cfg.group_size)
 
@@ -354,7 +582,7 @@ def main(cfg: Config, score_fn: ScoreFn | None = None) -> dict:
     if not runtime.is_main:
         return {}
     logger.finish()
-    export_final(out, policy, tokenizer)
+    export_final(out, models.policy, tokenizer)
     records = read_metrics(out / "metrics.jsonl")
     write_report(out, config, records)
     if cfg.push_to_hub:
@@ -362,24 +590,48 @@ def main(cfg: Config, score_fn: ScoreFn | None = None) -> dict:
     return records[-1] if records else {}
 
 
-def write_samples(out: Path, update: int, tokenizer, batch: Rollout, advantages, rows: dict, group_size: int, n_groups: int = 2) -> None:
+def write_samples(
+    out: Path, update: int, tokenizer, batch: Rollout, advantages, rows: dict, group_size: int, n_groups: int = 2
+) -> None:
     """The responses of the first `n_groups` queries, with their scores and advantages."""
     with (out / "samples.jsonl").open("a") as f:
         for i in range(min(n_groups * group_size, len(batch.scores))):
             g = i // group_size
             q = rows["query_token"][g][-int(rows["query_token_len"][g]) :]
             response = batch.responses[i][batch.response_mask[i].bool()]
-            record = {"update": update, "query": tokenizer.decode(q), "response": tokenizer.decode(response, skip_special_tokens=True),
-                      "score": float(batch.scores[i]), "advantage": float(advantages[i])}  # fmt: skip
+            record = {
+                "update": update,
+                "query": tokenizer.decode(q),
+                "response": tokenizer.decode(response, skip_special_tokens=True),
+                "score": float(batch.scores[i]),
+                "advantage": float(advantages[i]),
+            }
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def write_report(out: Path, config: dict, records: list[dict]) -> None:
     title = config["advantage"].upper()
     plot_curves(records, ["objective/scores", "objective/kl", "response_length"], out / "curves.png", title)
-    plot_curves(records, ["objective/rlhf_reward", "policy/approxkl_avg", "policy/clipfrac_avg", "groups/equal_returns_share"], out / "curves_internals.png", f"{title} internals")
-    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()] if (out / "samples.jsonl").exists() else []
-    keys = ["objective/scores", "objective/kl", "objective/rlhf_reward", "response_length", "no_eos_share", "groups/equal_returns_share", "episodes_per_s"]
+    plot_curves(
+        records,
+        ["objective/rlhf_reward", "policy/approxkl_avg", "policy/clipfrac_avg", "groups/equal_returns_share"],
+        out / "curves_internals.png",
+        f"{title} internals",
+    )
+    samples = (
+        [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+        if (out / "samples.jsonl").exists()
+        else []
+    )
+    keys = [
+        "objective/scores",
+        "objective/kl",
+        "objective/rlhf_reward",
+        "response_length",
+        "no_eos_share",
+        "groups/equal_returns_share",
+        "episodes_per_s",
+    ]
     first, final = (records[0], records[-1]) if records else ({}, {})
     summary = "\n".join(f"| {k} | {first.get(k, float('nan')):.4g} | {final.get(k, float('nan')):.4g} |" for k in keys)
     (out / "report.md").write_text(
