@@ -165,7 +165,7 @@ PRESETS = {
         num_eval_rows=32,
         num_eval_samples=8,
     ),
-    # a first hour on one Spark (bench/quick_projection.py): the recipe's model, data and lr on the
+    # a first hour on one Spark (bench/spark_projection.py --preset quick): the recipe's model, data and lr on the
     # first 15,360 posts of a random order, cosine over those 120 steps instead of 800 (issue 14)
     "quick": dict(
         preset="quick",
