@@ -24,6 +24,8 @@ echo "== reward step: ours vs TRL RewardTrainer"
 bench/.venv-trl/bin/python bench/bench_reward.py ${ARGS_REWARD:-} 2>&1 | quiet
 echo "== PPO update: ours vs TRL 1.12 PPOTrainer vs padded queries"
 bench/.venv-trl112/bin/python bench/bench_ppo.py ${ARGS_PPO:-} 2>&1 | quiet
+echo "== GRPO and RLOO updates: ours vs TRL GRPOTrainer / RLOOTrainer"
+bench/.venv-trl/bin/python bench/bench_grpo.py ${ARGS_GRPO:-} 2>&1 | quiet
 echo "== SFT preprocessing of 116,722 posts"
 .venv/bin/python bench/bench_preprocess.py ${ARGS_PREPROCESS:-} 2>&1 | quiet
 echo "results appended to bench/results.jsonl"
