@@ -1,18 +1,6 @@
-"""What every benchmark shares: the model, the tokenizer, the data, our contenders, timing, records.
-
-Model: a random Qwen2 shaped like Qwen2.5-0.5B but small enough for 2 CPU cores (hidden 256, 4
-layers, 4 heads / 2 KV heads, MLP 1024, tied embeddings, fp32; its LM head ~1/3 of the weights,
-as on Qwen2.5-0.5B). Tokenizer (`--tokenizer`): `sample` (default), a byte-level BPE of 8,192
-tokens trained on the real TL;DR sample, whose token counts there match Qwen2.5's (query median
-352 vs 338, reference 33 vs 32), with Qwen2.5's pad == EOS trap; `tiny`, the 788-token fixture
-tokenizer (queries ~2.2x too long). Data: ../shared/data/tldr_real_sample run through our own
-`preprocess.process_sft` / `process_comparisons` (the bundled fixtures when it is missing).
-
-Our contenders are the stage scripts' own steps (`sft.train_step`, `reward.train_step`,
-`ppo.ppo_rollout` + `rewards_and_advantages` + `ppo_update`), imported, never re-typed; a
-baseline changes their inputs or arguments (`pad_to`, `pack`, `trim_padding`), not their code.
-Every script interleaves the contenders on the same rows in one process; the machine may be
-shared, so the ratios are the numbers to trust, absolute rates move with the load.
+"""What the CPU benchmarks share (bench/README.md): the model, the tokenizer, the data, our contenders, timing,
+records. Our contenders are the stage scripts' own steps, imported, never re-typed; a baseline changes their
+inputs or arguments (`pad_to`, `pack`, `trim_padding`), not their code.
 """
 
 from __future__ import annotations
@@ -38,50 +26,50 @@ sys.path.insert(0, str(ROOT))  # sft.py, reward.py, ppo.py live at the repositor
 import torch  # noqa: E402
 
 from dgx_spark_summary_from_human_feedback import data, preprocess, tiny  # noqa: E402
-from dgx_spark_summary_from_human_feedback.training import batch_indices  # noqa: E402
+from dgx_spark_summary_from_human_feedback.training import batch_indices, distribute, make_optimizer  # noqa: E402
 
 SAMPLE = ROOT.parent / "shared" / "data" / "tldr_real_sample"
+SAMPLE_FILES = ("sft.jsonl", "comparisons.jsonl")
 CACHE = BENCH / ".cache"
 RESULTS = BENCH / "results.jsonl"
 SAMPLE_VOCAB = 8192
+SFT_COLUMNS = ["query_reference_response_token", "query_reference_response_token_len", "reference_response_token_len"]
 
-# the benchmark model (stated in every record)
-MODEL_SHAPE = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+# the benchmark model (stated in every record): Qwen2.5-0.5B's proportions (GQA, tied embeddings, the LM head
+# about a third of the weights) at a size 2 CPU cores train
+MODEL_SHAPE = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4}
+MODEL_SHAPE |= {"num_attention_heads": 4, "num_key_value_heads": 2}
 
 
-# ---------------------------------------------------------------------------------------------
-# tokenizer
-
-
-def _sample_rows() -> tuple[list[dict], list[dict]]:
-    sft = [json.loads(line) for line in (SAMPLE / "sft.jsonl").read_text().splitlines() if line.strip()]
-    comparisons = [json.loads(line) for line in (SAMPLE / "comparisons.jsonl").read_text().splitlines() if line.strip()]
-    return sft, comparisons
+# ---- tokenizer, models, data
 
 
 def sample_available() -> bool:
-    return (SAMPLE / "sft.jsonl").exists() and (SAMPLE / "comparisons.jsonl").exists()
+    return all((SAMPLE / f).exists() for f in SAMPLE_FILES)
 
 
 def build_sample_tokenizer(output_dir: Path, vocab_size: int = SAMPLE_VOCAB) -> None:
-    """Byte-level BPE trained on the sample's formatted queries and summaries; pad == EOS like Qwen2.5."""
+    """A byte-level BPE trained on the sample's formatted queries and summaries, whose token counts there match
+    Qwen2.5's (query median 352 vs 338, reference 33 vs 32); pad == EOS like Qwen2.5."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    sft, comparisons = _sample_rows()
+    sft, comparisons = ([json.loads(x) for x in (SAMPLE / f).read_text().splitlines()] for f in SAMPLE_FILES)
     corpus = [data.QUERY_FORMAT.format(**preprocess.sft_query_fields(r)) + " " + r["summary"] for r in sft]
     corpus += [s["text"] for c in comparisons for s in c["summaries"]]
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[tiny.EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[tiny.EOS], initial_alphabet=alphabet)
+    trainer.show_progress = False
     bpe.train_from_iterator(corpus, trainer=trainer)
-    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=tiny.EOS, pad_token=tiny.EOS).save_pretrained(str(output_dir))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=tiny.EOS, pad_token=tiny.EOS)
+    tokenizer.save_pretrained(str(output_dir))
 
 
 def tokenizer_dir(kind: str) -> Path:
+    """`sample` (the BPE above, built once into bench/.cache), or `tiny`: the 788-token fixture tokenizer
+    (queries ~2.2x too long); `tiny` too when the sample is missing."""
     if kind == "tiny" or not sample_available():
         return tiny.TOKENIZER_DIR
     out = CACHE / f"tokenizer-sample-{SAMPLE_VOCAB}"
@@ -96,26 +84,20 @@ def load_tokenizer(kind: str = "sample"):
     return data.load_tokenizer(str(tokenizer_dir(kind)))
 
 
-# ---------------------------------------------------------------------------------------------
-# models
-
-
 def model_config(tokenizer):
     rows = (len(tokenizer) + 63) // 64 * 64 + 64  # spare rows past [PAD], as Qwen2.5 has
-    return tiny.model_config(vocab_rows=rows, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **MODEL_SHAPE)
+    ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    return tiny.model_config(vocab_rows=rows, **ids, **MODEL_SHAPE)
 
 
 def write_models(tokenizer, kind: str, seed: int = 0) -> tuple[Path, Path]:
-    """(policy dir, reward dir): a random causal LM and a reward model (our N+ head) on the same backbone.
-
-    Both sides of every benchmark load these directories, so they start from identical weights.
-    """
+    """(policy dir, reward dir): a random causal LM and a reward model (our N+ head) on the same backbone,
+    cached; both sides of every benchmark load these, so they start from identical weights."""
     from transformers import AutoModelForCausalLM
 
     from dgx_spark_summary_from_human_feedback.models import load_reward_model
 
-    base = CACHE / f"models-{kind}-{seed}"
-    policy_dir, reward_dir = base / "policy", base / "reward"
+    policy_dir, reward_dir = CACHE / f"models-{kind}-{seed}" / "policy", CACHE / f"models-{kind}-{seed}" / "reward"
     if (policy_dir / "config.json").exists() and (reward_dir / "config.json").exists():
         return policy_dir, reward_dir
     torch.manual_seed(seed)
@@ -125,22 +107,14 @@ def write_models(tokenizer, kind: str, seed: int = 0) -> tuple[Path, Path]:
     model.save_pretrained(str(policy_dir))
     tokenizer.save_pretrained(str(policy_dir))
     torch.manual_seed(seed + 1)
-    reward = load_reward_model(str(policy_dir), tokenizer, new_head=True)
-    reward.save_pretrained(str(reward_dir))
+    load_reward_model(str(policy_dir), tokenizer, new_head=True).save_pretrained(str(reward_dir))
     tokenizer.save_pretrained(str(reward_dir))
     return policy_dir, reward_dir
 
 
-def n_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-# ---------------------------------------------------------------------------------------------
-# data: the real sample through our pipeline
-
-
 def sft_data(tokenizer):
-    """Processed SFT rows (query 512, response 63, long responses truncated): one datasets.Dataset."""
+    """The real sample's posts (the fixtures without it) through our `process_sft`: query 512, response 63,
+    long responses truncated; one datasets.Dataset."""
     if sample_available():
         raw = data.load_raw(str(SAMPLE / "sft.jsonl"), split="train")
     else:
@@ -150,14 +124,13 @@ def sft_data(tokenizer):
 
 
 def comparison_data(tokenizer):
-    """Processed preference rows (query 512, responses 133, truncated), every split together."""
+    """The real sample's pairs through `process_comparisons` (query 512, responses 133), every split together."""
     import datasets
 
     path = SAMPLE / "comparisons.jsonl" if sample_available() else tiny.COMPARISONS_FILE
     raw = data.load_raw(str(path), split="train")
     ds = preprocess.process_comparisons(raw, tokenizer, data.Lengths(512, 133), long_response="truncate")
-    parts = [ds[s] for s in ("train", "validation") if s in ds]  # CNN/DM articles (fixtures only) left out
-    return datasets.concatenate_datasets(parts)
+    return datasets.concatenate_datasets([ds[s] for s in ("train", "validation") if s in ds])  # not CNN/DM
 
 
 def length_summary(values) -> dict:
@@ -165,28 +138,34 @@ def length_summary(values) -> dict:
     return {"min": v[0], "median": v[len(v) // 2], "mean": round(statistics.mean(v), 1), "max": v[-1], "n": len(v)}
 
 
-# ---------------------------------------------------------------------------------------------
-# our contenders: each a fresh model and optimizer, and a closure running one step of a stage
+# ---- our contenders: each a fresh model and optimizer, and a closure running one step of a stage
+
+
+def trainable(model, forward, cfg, runtime, betas, eps):
+    """(the forward distributed as the stage runs it, the stage's optimizer) for a fresh model, dropout off."""
+    from dgx_spark_summary_from_human_feedback.models import disable_dropout
+
+    disable_dropout(model)
+    model.train()
+    adam = dict(lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay, eps=eps, kind=cfg.optimizer)
+    return distribute(model, forward, runtime), make_optimizer(list(model.parameters()), **adam, device=runtime.device)
 
 
 def sft_step(model_dir, tokenizer, train, cfg, runtime, pad_to: int | None = None):
-    """`step(indices, k)`: `sft.train_step` on those rows (k = its step number). `pad_to`: the
-    fixed-shape baseline, every row padded to that many columns and forwards on padded rows."""
+    """`step(indices, k)`: `sft.train_step` on those rows (k = its step number). `pad_to`: the fixed-shape
+    baseline, every row padded to that many columns and forwards on padded rows."""
     import sft
-    from dgx_spark_summary_from_human_feedback.models import disable_dropout, lm_loss_sum, load_policy
-    from dgx_spark_summary_from_human_feedback.training import distribute, make_optimizer
+    from dgx_spark_summary_from_human_feedback.models import lm_loss_sum, load_policy
 
     model = load_policy(str(model_dir), tokenizer, dtype=runtime.param_dtype, device=runtime.device)
-    disable_dropout(model)
-    model.train()
-    loss_fn = distribute(model, functools.partial(lm_loss_sum, pack=False if pad_to else None), runtime)
-    adam = dict(lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps, kind=cfg.optimizer)
-    optimizer = make_optimizer(list(model.parameters()), **adam, device=runtime.device)
+    loss = functools.partial(lm_loss_sum, pack=False if pad_to else None)
+    loss_fn, optimizer = trainable(model, loss, cfg, runtime, cfg.betas, cfg.eps)
     lengths = [int(n) for n in train["query_reference_response_token_len"]]
     response_lengths = [int(n) for n in train["reference_response_token_len"]]
 
     def step(indices: list[int], k: int = 0) -> dict:
-        return sft.train_step(loss_fn, model, optimizer, train, indices, lengths, response_lengths, cfg, runtime, k, CACHE, pad_to)
+        rows = (train, indices, lengths, response_lengths)
+        return sft.train_step(loss_fn, model, optimizer, *rows, cfg, runtime, k, CACHE, pad_to)
 
     return step
 
@@ -194,16 +173,12 @@ def sft_step(model_dir, tokenizer, train, cfg, runtime, pad_to: int | None = Non
 def reward_step(model_dir, tokenizer, train, cfg, runtime, new_head: bool = False):
     """`step(indices, k)`: `reward.train_step` on those comparisons."""
     import reward
-    from dgx_spark_summary_from_human_feedback.models import disable_dropout, get_pair_scores, load_reward_model
-    from dgx_spark_summary_from_human_feedback.training import distribute, make_optimizer
+    from dgx_spark_summary_from_human_feedback.models import get_pair_scores, load_reward_model
 
     torch.manual_seed(cfg.seed)  # the head's init, as reward.main
-    model = load_reward_model(str(model_dir), tokenizer, dtype=runtime.param_dtype, device=runtime.device, new_head=new_head)
-    disable_dropout(model)
-    model.train()
-    score_fn = distribute(model, get_pair_scores, runtime)
-    adam = dict(lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8, kind=cfg.optimizer)
-    optimizer = make_optimizer(list(model.parameters()), **adam, device=runtime.device)
+    place = {"dtype": runtime.param_dtype, "device": runtime.device}
+    model = load_reward_model(str(model_dir), tokenizer, **place, new_head=new_head)
+    score_fn, optimizer = trainable(model, get_pair_scores, cfg, runtime, (0.9, 0.999), 1e-8)
     columns = (train["query_token_len"], train["chosen_token_len"], train["rejected_token_len"])
     pair_lengths = [int(q) + max(int(c), int(r)) for q, c, r in zip(*columns)]  # as reward.main
 
@@ -214,17 +189,14 @@ def reward_step(model_dir, tokenizer, train, cfg, runtime, new_head: bool = Fals
 
 
 def ppo_update_fn(cfg, tokenizer, rows: dict, runtime, pad_to: int | None = None, pack: bool | None = None):
-    """`update(k, tick)`: one PPO update of ppo.py's on the fixed query rows `rows`, as ppo.main
-    runs it (rollout, rewards and advantages, PPO epochs, metrics); `tick(phase)` is called after
-    the rollout and after the update (the GPU bench times them). `pad_to`: queries left padded to
-    that length and no trimming or packing anywhere (N+'s fixed shapes); `pack`: the forwards'."""
+    """`update(k, tick)`: one PPO update of ppo.py's on the fixed query rows `rows`, as ppo.main runs it
+    (rollout, rewards and advantages, PPO epochs, metrics); `tick(phase)` after the rollout and after the
+    update. `pad_to`: queries left padded to that length, no trimming or packing (N+'s fixed shapes)."""
     import ppo
 
-    if pad_to:
-        pack = False
-    models = ppo.load_models(cfg, tokenizer, runtime, pack=pack)
+    models = ppo.load_models(cfg, tokenizer, runtime, pack=False if pad_to else pack)
     sample_generator = torch.Generator(device=runtime.device).manual_seed(cfg.seed)
-    shuffle_generator = torch.Generator().manual_seed(cfg.seed)
+    shuffle = torch.Generator().manual_seed(cfg.seed)
     queries, query_mask = ppo.query_batch(rows, runtime.device)
     if pad_to:
         queries = torch.nn.functional.pad(queries, (pad_to - queries.shape[1], 0), value=tokenizer.pad_token_id)
@@ -234,9 +206,8 @@ def ppo_update_fn(cfg, tokenizer, rows: dict, runtime, pad_to: int | None = None
         batch = ppo.ppo_rollout(models, queries, query_mask, cfg, tokenizer, runtime, sample_generator, not pad_to)
         tick("rollout")
         advantages, returns, kl, non_score_rewards = ppo.rewards_and_advantages(batch, cfg)
-        stats = ppo.ppo_update(
-            models, batch, advantages, returns, rows["query_token_len"], cfg, runtime, shuffle_generator, k, CACHE, not pad_to
-        )
+        lengths = rows["query_token_len"]
+        stats = ppo.ppo_update(models, batch, advantages, returns, lengths, cfg, runtime, shuffle, k, CACHE, not pad_to)
         metrics = ppo.update_metrics(batch, kl, non_score_rewards, stats, runtime)
         tick("update")
         return metrics
@@ -244,16 +215,13 @@ def ppo_update_fn(cfg, tokenizer, rows: dict, runtime, pad_to: int | None = None
     return update
 
 
-# ---------------------------------------------------------------------------------------------
-# timing, tables, records
+# ---- timing, tables, records
 
 
 def set_threads() -> int:
-    """Torch threads: $BENCH_THREADS, else every core, or 1 when the machine is already busy.
-
-    With other processes on a 2-core box, two threads per process oversubscribe the cores and
-    every barrier waits on a descheduled thread: one thread was ~2x faster under load 8.
-    """
+    """Torch threads: $BENCH_THREADS, else every core, or 1 when the machine is already busy: with other
+    processes on a 2-core box, two threads per process wait on each other at every barrier (one thread was
+    ~2x faster under load 8)."""
     cores = os.cpu_count() or 1
     n = int(os.environ.get("BENCH_THREADS") or (1 if os.getloadavg()[0] >= cores else cores))
     torch.set_num_threads(n)
@@ -261,21 +229,17 @@ def set_threads() -> int:
 
 
 def interleave_callback(on_round):
-    """A transformers TrainerCallback calling `on_round(k, seconds)` after each optimizer step k
-    of a Trainer, with the seconds since the end of the previous call: TRL's whole step (data
-    loading, collation, forward/backward, clip, optimizer, logging), and none of what
-    `on_round` itself runs (our side of the round)."""
+    """A transformers TrainerCallback calling `on_round(k, seconds)` after each optimizer step k of a Trainer,
+    with the seconds since the end of the previous call: TRL's whole step (data loading, collation,
+    forward/backward, clip, optimizer, logging), and none of what `on_round` itself runs (our side)."""
     from transformers import TrainerCallback
 
     class Interleave(TrainerCallback):
-        mark = 0.0
-
         def on_train_begin(self, *args, **kwargs):
             self.mark = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
-            seconds = time.perf_counter() - self.mark
-            on_round(state.global_step - 1, seconds)
+            on_round(state.global_step - 1, time.perf_counter() - self.mark)
             self.mark = time.perf_counter()
 
     return Interleave()
@@ -300,19 +264,20 @@ def pair_rounds(ds, cfg, rounds: int) -> tuple[list[list[int]], list[int]]:
     chosen_len, rejected_len = ds["query_chosen_token_len"], ds["query_rejected_token_len"]
     steps = [batch_indices(k, len(ds), cfg.batch_size, cfg.seed) for k in range(rounds)]
     tokens = [sum(chosen_len[i] + rejected_len[i] for i in s) for s in steps]
-    print(
-        f"comparisons {len(ds)}: query+chosen tokens {length_summary(chosen_len)}; batch {cfg.batch_size} = "
-        f"{cfg.micro_batch_size} x {cfg.batch_size // cfg.micro_batch_size} pairs, {sum(tokens) / rounds:.0f} non-pad tokens per step"
-    )
+    layout = f"batch {cfg.batch_size} = {cfg.micro_batch_size} x {cfg.batch_size // cfg.micro_batch_size} pairs"
+    summary = f"query+chosen tokens {length_summary(chosen_len)}; {layout}, {sum(tokens) / rounds:.0f} non-pad tokens per step"
+    print(f"comparisons {len(ds)}: {summary}")
     return steps, tokens
 
 
-def interleaved_rounds(trainer: str, variants: list[str], contenders, trl_loss, steps: list, tokens: list[int], warmup: int):
-    """Time our step functions against TRL's `trainer`, round by round in one process: for each
-    TRL variant, `contenders()` gives fresh copies of ours ({name: step}; "ours" first, its
-    losses are compared with TRL's), `trl_loss(variant, on_round)` runs TRL and calls
-    `on_round(k, seconds)` after its step k, and our contenders run step k right then. With no
-    variants, ours run alone. Returns (rates, ratios, loss_check); rates are tokens/s."""
+def interleaved_rounds(
+    trainer: str, variants: list[str], contenders, trl_loss, steps: list, tokens: list[int], warmup: int
+):
+    """Time our step functions against TRL's `trainer`, round by round in one process: for each TRL variant,
+    `contenders()` gives fresh copies of ours ({name: step}; "ours" first, its losses are compared with TRL's),
+    `trl_loss(variant, on_round)` runs TRL and calls `on_round(k, seconds)` after its step k, and our
+    contenders run step k right then. With no variants, ours run alone. Returns (rates in tokens/s, ratios
+    time of the other / time of ours, loss_check)."""
     rates: dict[str, list[float]] = {}
     ratios: dict[str, list[float]] = {}
     loss_check: dict[str, dict] = {}
@@ -331,20 +296,21 @@ def interleaved_rounds(trainer: str, variants: list[str], contenders, trl_loss, 
                 seconds[f"trl-{variant}"] = trl_seconds
             label = "warmup" if k < warmup else f"round {k - warmup + 1}"
             print(f"  {label}: " + ", ".join(f"{n} {s:.2f}s" for n, s in seconds.items()), flush=True)
-            if k >= warmup:
-                for name, s in seconds.items():
-                    rates.setdefault(name, []).append(tokens[k] / s)
-                    if name != "ours":
-                        ratios.setdefault(f"ours/{name}", []).append(s / seconds["ours"])
+            if k < warmup:
+                return
+            for name, s in seconds.items():
+                rates.setdefault(name, []).append(tokens[k] / s)
+                if name != "ours":
+                    ratios.setdefault(f"ours/{name}", []).append(s / seconds["ours"])
 
         if variant is None:
             for k in range(len(steps)):
                 on_round(k, None)
             continue
         print(f"TRL {trainer}, {variant} config, interleaved with ours")
-        loss = trl_loss(variant, on_round)
-        loss_check[variant] = {"trl": loss, "ours": sum(losses) / len(losses)}
-        print(f"  same loss on the same rows? mean loss TRL {loss:.4f}, ours {loss_check[variant]['ours']:.4f}")
+        loss_check[variant] = {"trl": trl_loss(variant, on_round), "ours": sum(losses) / len(losses)}
+        trl, ours = loss_check[variant]["trl"], loss_check[variant]["ours"]
+        print(f"  same loss on the same rows? mean loss TRL {trl:.4f}, ours {ours:.4f}")
     return rates, ratios, loss_check
 
 
@@ -352,16 +318,12 @@ def spread(xs: list[float]) -> dict:
     return {"min": min(xs), "median": statistics.median(xs), "max": max(xs), "n": len(xs)}
 
 
-def fmt(x: float) -> str:
-    return f"{x:,.2f}" if abs(x) < 100 else f"{x:,.0f}"
-
-
 def print_table(title: str, unit: str, rates: dict[str, list[float]], ratios: dict[str, list[float]]) -> None:
-    print(f"\n{title}")
-    print(f"{'':34s} {'min':>10s} {'median':>10s} {'max':>10s}   n")
+    print(f"\n{title}\n{'':34s} {'min':>10s} {'median':>10s} {'max':>10s}   n")
     for name, xs in rates.items():
         s = spread(xs)
-        print(f"{name + ' (' + unit + ')':34s} {fmt(s['min']):>10s} {fmt(s['median']):>10s} {fmt(s['max']):>10s}  {s['n']}")
+        cells = [f"{x:,.2f}" if abs(x) < 100 else f"{x:,.0f}" for x in (s["min"], s["median"], s["max"])]
+        print(f"{name + ' (' + unit + ')':34s} {cells[0]:>10s} {cells[1]:>10s} {cells[2]:>10s}  {s['n']}")
     for name, xs in ratios.items():
         s = spread(xs)
         print(f"{'ratio ' + name:34s} {s['min']:>10.2f} {s['median']:>10.2f} {s['max']:>10.2f}  {s['n']}")
@@ -370,31 +332,24 @@ def print_table(title: str, unit: str, rates: dict[str, list[float]], ratios: di
 def versions() -> dict:
     import transformers
 
-    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads()}
+    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
     try:
         import trl
 
         out["trl"] = trl.__version__
     except ImportError:
         pass
-    return out
+    return out | {"threads": torch.get_num_threads()}
 
 
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def record(bench: str, settings: dict, unit: str, rates: dict[str, list[float]], ratios: dict[str, list[float]], extra: dict | None = None) -> dict:
+def record(bench: str, settings: dict, unit: str, rates: dict, ratios: dict, extra: dict | None = None) -> dict:
     """Append one JSON line to bench/results.jsonl and return it."""
-    rec = {
-        "bench": bench, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": git_commit(), "host": platform.node(),
-        "cpus": os.cpu_count(), "load_avg": os.getloadavg(), "versions": versions(), "model": MODEL_SHAPE, "settings": settings,
-        "unit": unit, "rates": {k: spread(v) | {"all": v} for k, v in rates.items()},
-        "ratios": {k: spread(v) | {"all": v} for k, v in ratios.items()}, **(extra or {}),
-    }  # fmt: skip
+    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    rec = {"bench": bench, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": git.stdout.strip() or None}
+    rec |= {"host": platform.node(), "cpus": os.cpu_count(), "load_avg": os.getloadavg(), "versions": versions()}
+    rec |= {"model": MODEL_SHAPE, "settings": settings, "unit": unit}
+    rec |= {"rates": {k: spread(v) | {"all": v} for k, v in rates.items()}}
+    rec |= {"ratios": {k: spread(v) | {"all": v} for k, v in ratios.items()}, **(extra or {})}
     with RESULTS.open("a") as f:
         f.write(json.dumps(rec) + "\n")
     return rec

@@ -155,7 +155,7 @@ def test_gpu_script_runs_every_code_path_on_cpu(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["errors"] == {}, data["errors"]
-    results = data["results"]
+    results = data["measurements"]
     for row in results["decode"].values():
         assert row["static"]["same_tokens_as_eager"] == 1.0 and row["static"]["first_step_logits_gap"] < 1e-5
     packed = results["packed"]
