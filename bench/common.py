@@ -5,6 +5,7 @@ inputs or arguments (`pad_to`, `pack`, `trim_padding`), not their code.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -245,29 +246,74 @@ def interleave_callback(on_round):
     return Interleave()
 
 
-def pair_bench_args(doc: str):
-    """The command line of the two preference-step benchmarks (reward model, DPO)."""
+def setup(tokenizer: str):
+    """Torch threads, the CPU runtime, the benchmark tokenizer and models: (runtime, tokenizer, policy, reward)."""
+    from dgx_spark_summary_from_human_feedback.training import setup_runtime
+
+    set_threads()
+    runtime, tok = setup_runtime("cpu"), load_tokenizer(tokenizer)
+    return runtime, tok, *write_models(tok, tokenizer)
+
+
+def step_bench_args(doc: str, *switches: str):
+    """The command line of the optimizer-step benchmarks (SFT, reward model, DPO), + `switches` (flags)."""
     import argparse
 
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer", choices=["sample", "tiny"], default="sample")
-    parser.add_argument("--batch-size", type=int, default=8, help="comparisons per optimizer step")
-    parser.add_argument("--micro-batch-size", type=int, default=4, help="comparisons per forward (2x sequences)")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=8, help="rows or comparisons per optimizer step")
+    parser.add_argument("--micro-batch-size", type=int, default=4, help="rows or comparisons per forward")
+    parser.add_argument("--warmup", type=int, default=1, help="rounds not counted")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per TRL variant")
     parser.add_argument("--trl-variants", default="default,fast")
+    for switch in switches:
+        parser.add_argument(switch, action="store_true")
     return parser.parse_args()
 
 
-def pair_rounds(ds, cfg, rounds: int) -> tuple[list[list[int]], list[int]]:
-    """Each round's comparison indices (the stages' own batch order) and its non-pad tokens."""
-    chosen_len, rejected_len = ds["query_chosen_token_len"], ds["query_rejected_token_len"]
-    steps = [batch_indices(k, len(ds), cfg.batch_size, cfg.seed) for k in range(rounds)]
-    tokens = [sum(chosen_len[i] + rejected_len[i] for i in s) for s in steps]
-    layout = f"batch {cfg.batch_size} = {cfg.micro_batch_size} x {cfg.batch_size // cfg.micro_batch_size} pairs"
-    summary = f"query+chosen tokens {length_summary(chosen_len)}; {layout}, {sum(tokens) / rounds:.0f} non-pad tokens per step"
-    print(f"comparisons {len(ds)}: {summary}")
-    return steps, tokens
+def step_bench(bench: str, trainer: str, args, cfg, ds, columns: list[str], contenders, trl_loss, trl_variants: dict):
+    """An optimizer-step benchmark: rounds of rows in the stages' own batch order (`training.batch_indices`),
+    non-pad tokens = the `columns` summed; `contenders(steps)` (fresh copies of ours) timed against TRL's
+    `trl_loss(variant, steps, on_round)` round by round (interleaved_rounds); the table; the record."""
+    lengths = [sum(values) for values in zip(*(ds[c] for c in columns))]
+    steps = [batch_indices(k, len(ds), cfg.batch_size, cfg.seed) for k in range(args.warmup + args.repeats)]
+    tokens = [sum(lengths[i] for i in s) for s in steps]
+    layout = f"batch {cfg.batch_size}, micro {cfg.micro_batch_size}"
+    print(f"{len(ds)} rows, {columns[0]} {length_summary(ds[columns[0]])}; {layout}", end="")
+    print(f"; {sum(tokens) / len(steps):.0f} non-pad tokens per step")
+    variants = [] if getattr(args, "no_trl", False) else [v for v in args.trl_variants.split(",") if v]
+
+    def trl(variant, on_round) -> float:
+        return trl_loss(variant, steps, on_round)
+
+    ours = functools.partial(contenders, steps)
+    rates, ratios, loss_check = interleaved_rounds(trainer, variants, ours, trl, steps, tokens, args.warmup)
+    print_table(f"{bench} optimizer step ({layout})", "tok/s", rates, ratios)
+    settings = dict(vars(args), tokens_per_step=tokens, trl_variants={v: trl_variants[v] for v in variants})
+    settings[bench] = dataclasses.asdict(cfg)
+    record(bench, settings, "non-pad tokens/s", rates, ratios, {"loss_check": loss_check})
+
+
+def trl_train(classes, model, dataset, tokenizer, cfg, steps: int, on_round, **settings) -> float:
+    """TRL's trainer (`classes`: Trainer, Config) over `steps` optimizer steps of `dataset` in order, with our
+    Config's batch layout and optimizer settings (constant lr, fp32 on CPU, no checkpoints; `settings`: the
+    variant's, and betas / eps when not (0.9, 0.999) / 1e-8), `on_round(k, seconds)` after each step; its
+    mean loss."""
+    import tempfile
+
+    (beta1, beta2), eps = settings.pop("betas", (0.9, 0.999)), settings.pop("eps", 1e-8)
+    micro, accumulation = cfg.micro_batch_size, cfg.batch_size // cfg.micro_batch_size
+    settings |= dict(per_device_train_batch_size=micro, gradient_accumulation_steps=accumulation, max_steps=steps)
+    settings |= dict(learning_rate=cfg.lr, adam_beta1=beta1, adam_beta2=beta2, adam_epsilon=eps)
+    settings |= dict(weight_decay=cfg.weight_decay, max_grad_norm=cfg.grad_clip, lr_scheduler_type="constant")
+    settings |= dict(train_sampling_strategy="sequential", bf16=False, use_cpu=True, report_to="none")
+    trainer_class, config_class = classes
+    with tempfile.TemporaryDirectory() as out:
+        args = config_class(output_dir=out, save_strategy="no", seed=cfg.seed, **settings)
+        callbacks = [interleave_callback(on_round)]
+        kwargs = {"train_dataset": dataset, "processing_class": tokenizer, "callbacks": callbacks}
+        trainer = trainer_class(model=model, args=args, **kwargs)
+        return trainer.train().training_loss
 
 
 def interleaved_rounds(

@@ -69,25 +69,10 @@ if ! "$PY" -c "import transformers" 2>/dev/null; then
     echo "gpu.sh: run 'bash bench/gpu.sh --download-wheels' where PyPI is reachable and carry .whl, or set PYTHON to an interpreter that has them." >&2
     exit 3
 fi
-"$PY" - <<'EOF'
-import importlib.metadata as m
-import torch
-have = {}
-for name in ("torch", "transformers", "datasets", "bitsandbytes", "tyro"):
-    try:
-        have[name] = m.version(name)
-    except m.PackageNotFoundError:
-        have[name] = "missing"
-print("gpu.sh: " + ", ".join(f"{k} {v}" for k, v in have.items()) + f"; cuda available: {torch.cuda.is_available()}")
-major_minor = tuple(int(x) for x in have["transformers"].split(".")[:2])
-if major_minor < (5, 24):
-    print(f"gpu.sh: warning: transformers {have['transformers']} is older than the project's 5.24 (pyproject): PPO's generation may fail; carry the wheel")
-EOF
+# the versions that run (gpu_bench.json records them too): transformers older than pyproject's 5.24 may fail PPO
+"$PY" -c "import sys; sys.path.insert(0, 'bench'); import gpu_bench, torch; print('gpu.sh:', gpu_bench.versions(), 'cuda', torch.cuda.is_available())"
 
-SCRIPT=gpu_bench
 rc=0
-PYTHONUNBUFFERED=1 timeout 570 "$PY" "bench/$SCRIPT.py" "$@" 2>&1 | tee "$OUT_DIR/$SCRIPT.log" || rc=$?
-if ((rc == 124)); then
-    echo "gpu.sh: $SCRIPT.py hit the 570 s timeout; $OUT_DIR/$SCRIPT.json holds what was measured before" >&2
-fi
+PYTHONUNBUFFERED=1 timeout 570 "$PY" bench/gpu_bench.py "$@" 2>&1 | tee "$OUT_DIR/gpu_bench.log" || rc=$?
+((rc != 124)) || echo "gpu.sh: gpu_bench.py hit the 570 s timeout; $OUT_DIR/gpu_bench.json holds what was measured before" >&2
 exit "$rc"
