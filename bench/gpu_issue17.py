@@ -36,26 +36,15 @@ from gpu_bench import Run, sp
 
 from dgx_spark_summary_from_human_feedback.generation import eager_decoder, generate, prefill, static_decoder
 from dgx_spark_summary_from_human_feedback.models import PACKED_FLEX, PACKED_SDPA, PACKED_VARLEN, get_pair_scores
-from dgx_spark_summary_from_human_feedback.models import (
-    hidden_states,
-    lm_loss_sum,
-    logprobs_from_logits,
-    response_logits,
-)
+from dgx_spark_summary_from_human_feedback.models import hidden_states, lm_loss_sum, logprobs_from_logits
+from dgx_spark_summary_from_human_feedback.models import response_logits
 
 
 def sizes(run: Run) -> dict:
     """Token lengths (query, SFT row), response tokens, batches, repeats; --cpu-smoke: tiny."""
     if not run.cuda:
-        return {
-            "query": (8, 24),
-            "sft": (16, 40),
-            "response": 6,
-            "decode": [4, 8],
-            "micro": [2, 4],
-            "pairs": [1, 2],
-            "reps": 1,
-        }
+        lengths = {"query": (8, 24), "sft": (16, 40), "response": 6, "reps": 1}
+        return lengths | {"decode": [4, 8], "micro": [2, 4], "pairs": [1, 2]}
     lengths = {"query": (200, 512), "sft": (250, 575), "response": 53, "reps": 3}
     return lengths | {"decode": [64, 128, 512], "micro": [8, 16, 32, 64], "pairs": [4, 8, 16, 32]}
 
@@ -94,15 +83,21 @@ def rel_gap(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-30))
 
 
-def timed_median(run: Run, step, result: dict, key: str, reps: int) -> float | None:
-    """The median seconds of `step` after one warm-up call (flex compiles there); an exception (out of memory,
-    a kernel that does not run here) is recorded under `key` instead: it is a result too."""
+def measure(run: Run, result: dict, key: str, step, reps: int, **counts) -> None:
+    """result[key]: the median ms of `step` after a warm-up call (flex compiles there), each of `counts` per
+    second, peak memory; or the exception (out of memory, a kernel that does not run here: a result too)."""
+    if run.elapsed() > run.budget_s:
+        result[key] = "skipped (budget)"
+        return
     try:
         run.reset_memory()
         step()
-        return statistics.median(run.timed(step) for _ in range(reps))
+        t = statistics.median(run.timed(step) for _ in range(reps))
     except Exception as e:  # noqa: BLE001
         result[key] = f"{type(e).__name__}: {str(e)[:400]}"
+        return
+    result[key] = {"ms": round(t * 1e3, 1)} | {f"{name}_per_s": round(n / t, 1) for name, n in counts.items()}
+    result[key]["peak_gb"] = run.memory().get("peak_memory_allocated_gb")
 
 
 def part_decode(run: Run, result: dict) -> None:
@@ -129,11 +124,8 @@ def part_decode(run: Run, result: dict) -> None:
                     tokens[mode] = generate(policy, ids, mask, **kwargs)
 
             total = statistics.median([run.timed(sample) for _ in range(s["reps"] + 1)][1:])  # the first: warm-up
-            row[mode] = {
-                "generate_ms": round(total * 1e3, 1),
-                "ms_per_step": round((total - prefill_s) * 1e3 / (R - 1), 3),
-            }
-            row[mode]["episodes_per_s"] = round(B / total, 1)
+            row[mode] = {"generate_ms": round(total * 1e3, 1), "episodes_per_s": round(B / total, 1)}
+            row[mode]["ms_per_step"] = round((total - prefill_s) * 1e3 / (R - 1), 3)
             with torch.no_grad(), run.autocast():  # the first decoding step's logits, fed the same first token
                 if mode == "eager":
                     logits, decode = eager_decoder(policy, ids, mask)
@@ -194,9 +186,7 @@ def part_packed(run: Run, result: dict) -> None:
                 loss, n = lm_loss_sum(policy, ids, mask, labels)
             (loss / n).backward()
 
-        t = timed_median(run, step, result.setdefault(name, {}), "speed_error", s["reps"])
-        if t:
-            result[name] |= {"fwd_bwd_tokens_per_s": round(int(mask.sum()) / t), "fwd_bwd_ms": round(t * 1e3, 1)}
+        measure(run, result.setdefault("fwd_bwd", {}), name, step, s["reps"], tokens=int(mask.sum()))
         policy.zero_grad(set_to_none=True)
         run.save()
     use_attention(policy, PACKED_SDPA)
@@ -215,13 +205,8 @@ def part_reward_sweep(run: Run, result: dict) -> None:
                 scores = get_pair_scores(reward_model, queries, query_mask, responses, response_mask)
             (-torch.nn.functional.logsigmoid(scores[0::2] - scores[1::2]).mean()).backward()
 
-        key = f"pairs_{pairs}"
-        t = timed_median(run, step, result, key, s["reps"]) if run.elapsed() < run.budget_s else None
         tokens = int(query_mask.sum()) * 2 + int(response_mask.sum())  # as two full rows per pair
-        if t:
-            result[key] = {"ms": round(t * 1e3, 1), "pairs_per_s": round(pairs / t, 1)}
-            result[key]["row_tokens_per_s"] = round(tokens / t)
-            result[key]["peak_gb"] = run.memory().get("peak_memory_allocated_gb")
+        measure(run, result, f"pairs_{pairs}", step, s["reps"], pairs=pairs, row_tokens=tokens)
         reward_model.zero_grad(set_to_none=True)
         run.save()
 
@@ -247,10 +232,7 @@ def part_ppo_sweep(run: Run, result: dict) -> None:
             key = f"micro_{micro}_{'padded' if kernel == PACKED_SDPA and run.cuda else kernel}"
             use_attention(policy, kernel)
             use_attention(value_model, kernel)
-            t = timed_median(run, step, result, key, s["reps"]) if run.elapsed() < run.budget_s else None
-            if t:
-                result[key] = {"ms": round(t * 1e3, 1), "episodes_per_s": round(micro / t, 1)}
-                result[key]["peak_gb"] = run.memory().get("peak_memory_allocated_gb")
+            measure(run, result, key, step, s["reps"], episodes=micro)
             policy.zero_grad(set_to_none=True)
             value_model.zero_grad(set_to_none=True)
             run.save()
@@ -265,10 +247,11 @@ def summary(results: dict) -> dict:
             modes = [m for m in ("eager", "static", "cuda_graph") if m in row]
             out[f"decode_{batch}_ms_per_step"] = {m: row[m]["ms_per_step"] for m in modes}
             out[f"decode_{batch}_same_tokens"] = {m: row[m].get("same_tokens_as_eager") for m in modes[1:]}
-    for kernel, row in results.get("packed", {}).items():
-        if kernel != "rows":
-            keys = ("hidden_gap", "grad_gap_max", "fwd_bwd_tokens_per_s", "error")
-            out[f"packed_{kernel}"] = {k: row[k] for k in keys if k in row}
+    packed = results.get("packed", {})
+    for kernel in (PACKED_SDPA, PACKED_VARLEN, PACKED_FLEX):
+        out[f"packed_{kernel}"] = {k: v for k, v in packed.get(kernel, {}).items() if k != "pad_rows_zero"}
+    speeds = packed.get("fwd_bwd", {}).items()
+    out["packed_fwd_bwd_tokens_per_s"] = {k: v["tokens_per_s"] for k, v in speeds if isinstance(v, dict)}
     for part, unit in (("reward_sweep", "row_tokens_per_s"), ("ppo_sweep", "episodes_per_s")):
         rows = {k: v for k, v in results.get(part, {}).items() if isinstance(v, dict)}
         if rows:
@@ -295,12 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cuda":
         environment |= {"gpu": torch.cuda.get_device_name(), "capability": torch.cuda.get_device_capability()}
     run = Run(Path(args.out), device, args.budget_s, args.budget_s, {"argv": sys.argv[1:], "environment": environment})
-    parts = {
-        "decode": part_decode,
-        "packed": part_packed,
-        "reward_sweep": part_reward_sweep,
-        "ppo_sweep": part_ppo_sweep,
-    }
+    parts = {"decode": part_decode, "packed": part_packed, "reward_sweep": part_reward_sweep}
+    parts["ppo_sweep"] = part_ppo_sweep
     for name in args.only.split(","):
         run.part(name, lambda result, fn=parts[name]: fn(run, result))
     run.data["summary"] = summary(run.data["measurements"])
