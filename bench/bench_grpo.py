@@ -9,11 +9,12 @@ ours on the same queries, so the sequence is TRL, ours, TRL, ... The first updat
 Throughput = episodes (responses) per second of one whole update; ratios pair the k-th updates.
 
 Equal settings: the same 4 real-sample queries every update, 4 responses to each (16 episodes),
-exactly 53 new tokens at most (random weights: EOS almost never comes), temperature 0.7 (top-k /
-top-p off), 4 epochs (TRL: num_iterations) of 1 minibatch = 2 micro-batches of 8, clip 0.2, lr 3e-6
-constant, AdamW (0.9, 0.999, eps 1e-5), clip 1.0, KL coefficient 0.05, fp32 on CPU, no vLLM, no
-gradient checkpointing, dropout off; policy and reference from common.py's random model, the same
-random reward model (ours `get_score`, TRL the same directory as a sequence classifier).
+53 new tokens (ours always 53, EOS not special; TRL stops at EOS, which the random policy almost
+never samples), temperature 0.7 (no top-k / top-p), 4 epochs (TRL: num_iterations) of 1 minibatch =
+2 micro-batches of 8, clip 0.2, lr 3e-6 constant, AdamW (0.9, 0.999, eps 1e-5), grad clip 1.0, KL
+coefficient 0.05, fp32 on CPU, no vLLM, no gradient checkpointing, dropout off; the same random
+policy (also the reference) and reward model from common.py (TRL reads the latter as a sequence
+classifier).
 - GRPO: advantages (r - mean) / (std + 1e-4) per group, KL as GRPO's k3 loss term; ours
   `--kl-in loss`, TRL loss_type "dapo" (sum over the accumulated batch's tokens / their count, as ours).
 - RLOO: r - mean of the other k - 1, KL (log-ratio summed over the response) in the return; ours
@@ -22,7 +23,7 @@ random reward model (ours `get_score`, TRL the same directory as a sequence clas
   `returns_and_advantages`, `grpo_update`, `update_metrics`.
 - TRL: prompts are our queries decoded (TRL tokenizes text), the reward model reads prompt +
   completion re-tokenized, right padded; every forward left pads to the generation batch's longest
-  prompt; the LM head runs only at completion tokens (TRL's fused head), as ours.
+  prompt; on CPU its fused LM head scores every position (`flop_counts`), ours response tokens only.
 """
 
 from __future__ import annotations
@@ -106,29 +107,29 @@ def run_trl(
 def flop_counts(query_lengths: list[int], cfg, vocab: int) -> dict:
     """FLOPs of one update as each side lays it out (multiply-add 2, backward 2x forward, every
     response `response_length` long). Both sample with a KV cache from the batch left padded to its
-    longest query and run the LM head only at response tokens; they differ in the no-grad and
-    training forwards: TRL pads every row to the longest query (+ response), ours packs the real
-    tokens (CPU). Both recompute the rollout log-probs (old and reference) and score once."""
+    longest query, recompute the old and reference log-probs and score once. The forwards differ:
+    - TRL pads every row to the longest query + response, and on CPU its fused LM head
+      (trl.kernels.chunked_logprob) scores every position, not only the completion's: it keeps
+      only the valid positions where Triton runs (CUDA, XPU); its backward recomputes the logits.
+    - ours packs the real tokens (CPU) and runs the LM head at response positions only."""
     m = common.MODEL_SHAPE
     layout = dict(layers=m["num_hidden_layers"], heads=m["num_attention_heads"], kv_heads=m["num_key_value_heads"])
     shape = sp.Shape("bench", hidden=m["hidden_size"], intermediate=m["intermediate_size"], vocab=vocab, **layout)
     R, head, Q = cfg.response_length, 2 * shape.hidden * shape.vocab, max(query_lengths)
     lengths = [n for n in query_lengths for _ in range(cfg.group_size)]
-    B = len(lengths)
+    B, epochs = len(lengths), cfg.update_epochs
 
     def body(tokens_by_row):  # one forward, rows unpadded, no LM head
         return sum(sp.forward_flops(shape, 1, n, 0) for n in tokens_by_row)
 
     generation = body([Q] * B) + B * head + sum(sp.decode_step_flops(shape, B, Q + t) for t in range(R - 1))
-
-    def update(rows):  # policy + reference + reward model, then the epochs
-        return {
-            "generation": generation,
-            "rollout_forwards": 3 * body(rows) + 2 * head * B * R,
-            "training": cfg.update_epochs * 3 * (body(rows) + head * B * R),
-        }
-
-    trl, ours = update([Q + R] * B), update([n + R for n in lengths])
+    padded, packed = body([Q + R] * B), body([n + R for n in lengths])
+    trl_head, our_head = head * B * (Q + R), head * B * R  # one forward's LM head
+    trl = dict(generation=generation, rollout_forwards=3 * padded + 2 * trl_head)
+    trl["training"] = epochs * (3 * padded + 4 * trl_head)  # + 1: the head's backward recomputes its forward
+    ours = dict(
+        generation=generation, rollout_forwards=3 * packed + 2 * our_head, training=epochs * 3 * (packed + our_head)
+    )
     return {"trl": trl, "ours": ours, "ratio_trl_over_ours": sum(trl.values()) / sum(ours.values())}
 
 
