@@ -6,7 +6,7 @@
 #   BENCH_THREADS=2 bash bench/run_all.sh     # torch threads (default: all cores, 1 if the box is busy)
 #   ARGS_SFT="--repeats 8" ARGS_PPO="--rounds 5" bash bench/run_all.sh
 #
-# Which interpreter runs what: the SFT and reward benchmarks run ours and TRL side by side in
+# Which interpreter runs what: the SFT, reward, DPO and GRPO benchmarks run ours and TRL side by side in
 # bench/.venv-trl; the PPO benchmark runs ours and TRL 1.12's PPOTrainer side by side in
 # bench/.venv-trl112 (the project is installed in both, with the project venv's torch and
 # transformers); preprocessing needs no TRL and runs in the project venv.
@@ -22,6 +22,8 @@ echo "== SFT step: ours vs TRL SFTTrainer vs pad-to-575"
 bench/.venv-trl/bin/python bench/bench_sft.py ${ARGS_SFT:-} 2>&1 | quiet
 echo "== reward step: ours vs TRL RewardTrainer"
 bench/.venv-trl/bin/python bench/bench_reward.py ${ARGS_REWARD:-} 2>&1 | quiet
+echo "== DPO step: ours vs TRL DPOTrainer"
+bench/.venv-trl/bin/python bench/bench_dpo.py ${ARGS_DPO:-} 2>&1 | quiet
 echo "== PPO update: ours vs TRL 1.12 PPOTrainer vs padded queries"
 bench/.venv-trl112/bin/python bench/bench_ppo.py ${ARGS_PPO:-} 2>&1 | quiet
 echo "== GRPO and RLOO updates: ours vs TRL GRPOTrainer / RLOOTrainer"
