@@ -450,16 +450,19 @@ def check_sizes(cfg: Config, world_size: int) -> int:
     """Queries per process per update; one-line errors for sizes that do not fit in groups."""
     if cfg.group_size < 2:
         raise InputError(
-            f"--group-size {cfg.group_size}: GRPO and RLOO need at least 2 responses per query (the others are the baseline)"
+            f"--group-size {cfg.group_size}: GRPO and RLOO need at least 2 responses per query (the others are the "
+            "baseline)"
         )
     if cfg.batch_size % cfg.group_size:
         raise InputError(
-            f"--batch-size {cfg.batch_size} is not divisible by --group-size {cfg.group_size}: the batch holds whole groups"
+            f"--batch-size {cfg.batch_size} is not divisible by --group-size {cfg.group_size}: the batch holds whole "
+            "groups"
         )
     queries, rest = divmod(cfg.batch_size // cfg.group_size, world_size)
     if rest:
         raise InputError(
-            f"--batch-size {cfg.batch_size} / --group-size {cfg.group_size} = {cfg.batch_size // cfg.group_size} queries do not split over {world_size} processes"
+            f"--batch-size {cfg.batch_size} / --group-size {cfg.group_size} = {cfg.batch_size // cfg.group_size} "
+            f"queries do not split over {world_size} processes"
         )
     micro_batch_layout(cfg.batch_size // cfg.num_minibatches, cfg.micro_batch_size, world_size)
     return queries
@@ -507,7 +510,8 @@ def main(cfg: Config, score_fn: ScoreFn | None = None) -> dict:
     num_updates = cfg.total_episodes // cfg.batch_size
     queries_per_update = cfg.batch_size // cfg.group_size
     print(
-        f"{len(ds)} queries, {num_updates} updates of {queries_per_update} queries x {cfg.group_size} responses ({cfg.advantage}, KL in the {cfg.kl_in})"
+        f"{len(ds)} queries, {num_updates} updates of {queries_per_update} queries x {cfg.group_size} responses "
+        f"({cfg.advantage}, KL in the {cfg.kl_in})"
     )
 
     # ---- models and optimizer
@@ -635,10 +639,13 @@ def write_report(out: Path, config: dict, records: list[dict]) -> None:
     first, final = (records[0], records[-1]) if records else ({}, {})
     summary = "\n".join(f"| {k} | {first.get(k, float('nan')):.4g} | {final.get(k, float('nan')):.4g} |" for k in keys)
     (out / "report.md").write_text(
-        f"# {title} report\n\n{config['group_size']} responses per query, advantages {config['advantage']}, KL (coefficient {config['kl_coef']}) "
-        f"in the {config['kl_in']}.\n\n| metric | first update | last update |\n|---|---|---|\n{summary}\n\n"
-        f"![score, KL, length](curves.png)\n\n![internals](curves_internals.png)\n\n"
-        f"## Samples (last update)\n\n{markdown_table(samples[-8:], ['query', 'response', 'score', 'advantage'])}\n\n## Config\n\n{config_table(config)}\n"
+        f"# {title} report\n\n{config['group_size']} responses per query, advantages {config['advantage']}, KL "
+        f"(coefficient {config['kl_coef']}) in the {config['kl_in']}.\n\n"
+        f"| metric | first update | last update |\n|---|---|---|\n{summary}\n\n"
+        "![score, KL, length](curves.png)\n\n![internals](curves_internals.png)\n\n"
+        "## Samples (last update)\n\n"
+        f"{markdown_table(samples[-8:], ['query', 'response', 'score', 'advantage'])}\n\n"
+        f"## Config\n\n{config_table(config)}\n"
     )
 
 
