@@ -364,8 +364,10 @@ def calibrate(bench: dict | None, bench_note: str, override: float | None = None
     cal["eff"].setdefault("reward_1.5b", cal["eff"]["reward"])
     cal["eff_source"].setdefault("reward_1.5b", f"as reward 0.5B ({cal['eff_source']['reward']})")
     cal["notes"] += [
-        f"host (Python + kernel launch) time per decoding step on the Spark's CPU = 1.0 x the bench host's, or the assumed one: {cal['overhead'] * 1e3:.1f} ms",
-        "peak memory on the Spark = the same allocations as on the bench GPU (same code, same micro-batches); the 'measured' column is the H100/H200 peak when present",
+        "host (Python + kernel launch) time per decoding step on the Spark's CPU = 1.0 x the bench host's, or the "
+        f"assumed one: {cal['overhead'] * 1e3:.1f} ms",
+        "peak memory on the Spark = the same allocations as on the bench GPU (same code, same micro-batches); the "
+        "'measured' column is the H100/H200 peak when present",
     ]
     return cal
 
@@ -468,14 +470,21 @@ def project(cal: dict, bench_note: str, lengths: LengthSample) -> dict:
     bytes_ = "; ".join(f"{k} {v}" for k, v in BYTES.items() if not isinstance(v, dict))
     activations = [activation_bytes_per_token_layer(shape) / 1e3 for shape in (QWEN_0_5B, QWEN_1_5B)]
     assumptions = [
-        f"GB10: {SPARK['peak_bf16_flops'] / 1e12:.0f} TFLOP/s BF16 (measured GEMM), {SPARK['bandwidth'] / 1e9:.0f} GB/s (220-230 measured; spec {SPARK['bandwidth_spec'] / 1e9:.0f}), {SPARK['memory_visible_gb']} GB visible to CUDA",
+        f"GB10: {SPARK['peak_bf16_flops'] / 1e12:.0f} TFLOP/s BF16 (measured GEMM), {SPARK['bandwidth'] / 1e9:.0f} "
+        f"GB/s (220-230 measured; spec {SPARK['bandwidth_spec'] / 1e9:.0f}), {SPARK['memory_visible_gb']} GB visible to CUDA",
         f"token lengths: {lengths.source}; queries cut to {BUDGET.query}, SFT responses to {BUDGET.response}",
-        "recipe sizes: sft.Config / reward.Config / ppo.Config defaults; SFT 116,722 rows, RM 92,858 pairs (full dataset sizes)",
-        "reward pairs: one summary drawn from the sample's reference lengths, one from its 1.3B-PPO lengths (stand-in for the training pairs' policies)",
-        "time per phase = FLOPs / (peak x efficiency) + non-FLOP bytes / bandwidth; decoding step = max(bytes / bandwidth, FLOPs / peak, host overhead)",
-        "FLOPs: 2 x matmul weights x tokens (padded as our batches pad), causal attention, LM head only where our code runs it; backward = 2 x forward",
-        f"bytes: {bytes_}; optimizer step {BYTES['optimizer_step_per_param']['adamw8bit']} B/param (8-bit AdamW + clip)",
-        f"memory: trainable = fp32 weights 4 + fp32 grads 4 + 8-bit AdamW 2 + bf16 autocast copy 2 B/param; frozen bf16 2 B/param; activations {activations[0]:.1f} kB/token/layer at 0.5B, {activations[1]:.1f} at 1.5B (estimate: see activation_bytes_per_token_layer); + 1 GB CUDA context/workspace",
+        "recipe sizes: sft.Config / reward.Config / ppo.Config defaults; SFT 116,722 rows, RM 92,858 pairs (full "
+        "dataset sizes)",
+        "reward pairs: one summary drawn from the sample's reference lengths, one from its 1.3B-PPO lengths (stand-in "
+        "for the training pairs' policies)",
+        "time per phase = FLOPs / (peak x efficiency) + non-FLOP bytes / bandwidth; decoding step = max(bytes / "
+        "bandwidth, FLOPs / peak, host overhead)",
+        "FLOPs: 2 x matmul weights x tokens (padded as our batches pad), causal attention, LM head only where our code "
+        "runs it; backward = 2 x forward",
+        f"bytes: {bytes_}; optimizer step {BYTES['optimizer_step_per_param']['adamw8bit']} B/param (8-bit AdamW + "
+        "clip)",
+        "memory: trainable = fp32 weights 4 + fp32 grads 4 + 8-bit AdamW 2 + bf16 autocast copy 2 B/param; frozen "
+        f"bf16 2 B/param; activations {activations[0]:.1f} kB/token/layer at 0.5B, {activations[1]:.1f} at 1.5B (estimate: see activation_bytes_per_token_layer); + 1 GB CUDA context/workspace",
         *cal["notes"],
     ]
     result = {"spark": SPARK, "bench": bench_note, "measured": cal["measured"], "efficiency": cal["eff"]}
@@ -490,7 +499,8 @@ def project(cal: dict, bench_note: str, lengths: LengthSample) -> dict:
 def markdown(result: dict) -> str:
     out = ["## Projected full recipe on one DGX Spark\n", f"GPU measurements: {result['bench']}\n"]
     out += [
-        "| stage | model | work | PFLOP | projected time | est. peak memory | measured peak (bench GPU) | compute efficiency |",
+        "| stage | model | work | PFLOP | projected time | est. peak memory | measured peak (bench GPU) | compute "
+        "efficiency |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:

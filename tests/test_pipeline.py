@@ -157,7 +157,8 @@ def test_evaluate_with_a_judge_reports_it_and_reruns_from_the_cache(pipeline_dir
 
     # the judge and its prompt stand next to every LLM win rate, with n and a CI
     judged = re.findall(
-        rf"judge `fake` at `{re.escape(server.url)}` with the N\+ judge prompt \(below\), A/B order randomised \(seed 0\): {WIN_RATE}",
+        rf"judge `fake` at `{re.escape(server.url)}` with the N\+ judge prompt \(below\), A/B order randomised \(seed "
+        rf"0\): {WIN_RATE}",
         report,
     )
     assert len(judged) == 3  # per policy vs reference, and head to head
@@ -298,5 +299,6 @@ def test_evaluate_judge_rejecting_the_key_is_a_one_line_error(pipeline_dir, tmp_
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
-        f"error: judge {server.url}/chat/completions answered HTTP 401: check --judge-url, --judge-model and the API key variable"
+        f"error: judge {server.url}/chat/completions answered HTTP 401: check --judge-url, --judge-model and the API "
+        "key variable"
     ]

@@ -77,7 +77,8 @@ def test_resume_with_a_changed_lr_is_a_one_line_error(smoke_dir):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
-        "error: resume with a changed config (lr: 0.003 -> 0.001): rerun with the saved values or pass --allow-config-change"
+        "error: resume with a changed config (lr: 0.003 -> 0.001): rerun with the saved values or pass "
+        "--allow-config-change"
     ]
 
 
