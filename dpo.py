@@ -359,9 +359,8 @@ def main(cfg: Config) -> dict:
     out = make_output_dir(cfg.output_dir)
     config = dataclasses.asdict(cfg)
     check_checkpoint(cfg.sft_path, "policy")  # fail on a wrong checkpoint before minutes of data processing
-    grad_accum_steps = micro_batch_layout(
-        cfg.batch_size, cfg.micro_batch_size, runtime.world_size
-    )  # and on sizes that do not divide
+    # and on sizes that do not divide
+    grad_accum_steps = micro_batch_layout(cfg.batch_size, cfg.micro_batch_size, runtime.world_size)
     tokenizer = load_tokenizer(cfg.sft_path)
 
     # ---- data: the reward model's comparisons
@@ -492,9 +491,8 @@ def main(cfg: Config) -> dict:
     for step in bar:
         lr = get_lr(step, lr=cfg.lr, min_lr=0.0, warmup_steps=warmup_steps, decay_steps=total_steps, schedule="linear")
         set_lr(optimizer, lr)
-        if (
-            step % cfg.eval_interval == 0
-        ):  # step 0: the accuracy before training; a resumed run logs its first evaluation again
+        # step 0: the accuracy before training; a resumed run logs its first evaluation again
+        if step % cfg.eval_interval == 0:
             evaluate_and_checkpoint(step, save=step > start_step)
 
         indices = batch_indices(step, len(train), cfg.batch_size, cfg.seed)

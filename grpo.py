@@ -552,6 +552,7 @@ def main(cfg: Config, score_fn: ScoreFn | None = None) -> dict:
         batch = grpo_rollout(models, rows, cfg, tokenizer, runtime, sample_generator)  # steps 1-2
         advantages, returns, kl, non_score_rewards = returns_and_advantages(batch, cfg)  # steps 3-4
         group_lengths = rows["query_token_len"].repeat_interleave(cfg.group_size)
+        # step 5
         stats = grpo_update(
             models.policy_logits,
             models.optimizer,
@@ -564,7 +565,7 @@ def main(cfg: Config, score_fn: ScoreFn | None = None) -> dict:
             shuffle_generator,
             update,
             out,
-        )  # step 5
+        )
 
         # ---- log
         metrics = update_metrics(batch, advantages, returns, kl, non_score_rewards, stats, cfg.group_size, runtime)

@@ -258,9 +258,8 @@ def load_models(cfg: Config, tokenizer, runtime, resume_dir: Path | None = None,
     # gradients of policy and value (FSDP2 is not offered here: sampling needs whole weights)
     policy_logits = distribute(policy, functools.partial(response_logits, pack=pack), runtime)
     value_fn = distribute(value_model, functools.partial(value_predictions, pack=pack), runtime)
-    adam = dict(
-        lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-5, kind=cfg.optimizer, device=device
-    )  # N+: eps 1e-5
+    # N+: eps 1e-5
+    adam = dict(lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-5, kind=cfg.optimizer, device=device)
     return Models(
         policy,
         value_model,

@@ -493,9 +493,8 @@ def main(cfg: Config) -> None:
     for step in bar:
         lr = get_lr(step, lr=cfg.lr, min_lr=0.0, warmup_steps=warmup_steps, decay_steps=total_steps)
         set_lr(optimizer, lr)
-        if (
-            step % cfg.eval_interval == 0
-        ):  # step 0 included: the starting model's accuracy; a resumed run logs its first evaluation again
+        # step 0 included: the starting model's accuracy; a resumed run logs its first evaluation again
+        if step % cfg.eval_interval == 0:
             evaluate_and_checkpoint(step, save=step > start_step)
 
         indices = batch_indices(step, len(train), cfg.batch_size, cfg.seed)

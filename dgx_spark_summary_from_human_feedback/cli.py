@@ -41,9 +41,8 @@ def run(
     transformers.utils.logging.disable_progress_bar()
     try:
         if getattr(cfg, "push_to_hub", None):
-            check_push_target(
-                cfg.push_to_hub
-            )  # before the work: hours of it must not end in a push that cannot succeed
+            # before the work: hours of it must not end in a push that cannot succeed
+            check_push_target(cfg.push_to_hub)
         main(cfg)
     except InputError as e:
         sys.exit(f"error: {e}")

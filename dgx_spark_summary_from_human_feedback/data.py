@@ -203,6 +203,7 @@ _STRING, _INT = datasets.Value("string"), datasets.Value("int32")
 SFT_FEATURES = datasets.Features(
     {"id": _STRING, "subreddit": _STRING, "title": _STRING, "post": _STRING, "summary": _STRING}
 )
+# openai/summarize_from_feedback, config "comparisons"
 COMPARISON_FEATURES = datasets.Features(
     {
         "info": {
@@ -220,7 +221,7 @@ COMPARISON_FEATURES = datasets.Features(
         "split": _STRING,
         "extra": {"confidence": _INT},
     }
-)  # openai/summarize_from_feedback, config "comparisons"
+)
 
 
 def load_hub_dataset(name: str, *args, **kwargs) -> datasets.DatasetDict:
@@ -291,9 +292,8 @@ def _load_files(files: dict[str, str], dataset: str, features: datasets.Features
             if columns <= set(features):
                 declared = datasets.Features({k: v for k, v in features.items() if k in columns})
         verbosity = datasets.logging.get_verbosity()
-        datasets.logging.set_verbosity(
-            datasets.logging.CRITICAL
-        )  # the JSON builder logs its parse error too: we print one line
+        # the JSON builder logs its parse error too: we print one line
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)
         try:
             ds = datasets.load_dataset(builder, data_files={split: file}, features=declared)[split]
             if features is not None and declared is None and set(ds.column_names) <= set(features):  # .json / .parquet
@@ -302,9 +302,8 @@ def _load_files(files: dict[str, str], dataset: str, features: datasets.Features
             if file.endswith(".jsonl"):
                 _check_json_lines(file, None)
             cause = e
-            while (
-                cause.__cause__ is not None
-            ):  # "An error occurred while generating the dataset" wraps the parser's own message
+            # "An error occurred while generating the dataset" wraps the parser's own message
+            while cause.__cause__ is not None:
                 cause = cause.__cause__
             raise InputError(
                 f"{file}: cannot be read as {builder} ({type(cause).__name__}: "

@@ -111,9 +111,8 @@ def static_decoder(model, queries: torch.Tensor, query_mask: torch.Tensor, max_n
     for i, layer in enumerate(prefilled.layers):
         cache.update(layer.keys, layer.values, i)
     del prefilled
-    key_mask = torch.zeros(
-        B, Tq + max_new_tokens - 1, dtype=torch.bool, device=queries.device
-    )  # (B, L) slots each row attends to
+    # (B, L) slots each row attends to
+    key_mask = torch.zeros(B, Tq + max_new_tokens - 1, dtype=torch.bool, device=queries.device)
     key_mask[:, :Tq] = query_mask.bool()
     slot = torch.tensor([Tq], device=queries.device)  # (1,) the slot this step writes
     positions = query_mask.long().sum(-1, keepdim=True)  # (B, 1) position of the token this step reads

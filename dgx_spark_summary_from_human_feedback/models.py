@@ -274,9 +274,8 @@ def packing_kwargs(model: PreTrainedModel, lengths: list[int], device) -> dict:
         cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
         return {"cu_seqlens": cu_seqlens, "max_seqlen": max(lengths)}
     if kind == PACKED_FLEX:
-        row = torch.repeat_interleave(
-            torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device)
-        )  # (N,) row of each token
+        # (N,) row of each token
+        row = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
 
         def same_row_causal(b, h, q, kv):
             return (row[q] == row[kv]) & (kv <= q)

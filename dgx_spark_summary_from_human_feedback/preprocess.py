@@ -245,9 +245,8 @@ def process_sft(
             for split, ds in raw.items()
         }
     )
-    _stop_if_emptied(
-        [split for split, ds in processed.items() if len(ds) == 0], report
-    )  # an empty split has no columns either
+    # an empty split has no columns either
+    _stop_if_emptied([split for split, ds in processed.items() if len(ds) == 0], report)
     return processed
 
 
