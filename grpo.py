@@ -77,6 +77,7 @@ from dgx_spark_summary_from_human_feedback.rollout import (
     minibatch_order,
     process_means,
     query_batch,
+    rl_metrics,
     rollout,
 )
 from dgx_spark_summary_from_human_feedback.tracking import (
@@ -418,27 +419,11 @@ def update_metrics(
 ) -> dict[str, float]:
     """One update's record (N+ metric names where the quantity is the same), averaged over
     processes (`val/num_eos_tokens` summed)."""
-    ratios = stats["ratio"]
-    metrics = {
-        "objective/kl": kl.sum(1).mean(),
-        "objective/entropy": (-batch.logprobs).sum(1).mean(),
-        "objective/non_score_reward": non_score_rewards.sum(1).mean(),
-        "objective/scores": batch.scores.mean(),
-        "objective/rlhf_reward": batch.scores.mean() + non_score_rewards.sum(1).mean(),
-        "objective/returns": returns.mean(),
-        "policy/approxkl_avg": stats["approxkl"].mean(),
-        "policy/clipfrac_avg": stats["clipfrac"].mean(),
-        "loss/policy_avg": stats["pg_loss_mean"].mean(),
-        "loss/kl_k3_avg": stats["k3_mean"].mean(),
-        "policy/entropy_avg": stats["entropy"].mean(),
-        "val/ratio": ratios.mean(),
-        "val/ratio_var": ratios.var() if len(ratios) > 1 else torch.zeros(()),
-        "val/num_eos_tokens": batch.has_eos.float().sum(),
-        "response_length": batch.response_mask.sum(1).mean(),
-        "no_eos_share": (~batch.has_eos).float().mean(),
-        "advantages/abs_mean": advantages.abs().mean(),
-        "groups/equal_returns_share": (returns.view(-1, group_size).std(1) == 0).float().mean(),
-    }
+    metrics = rl_metrics(batch, kl, non_score_rewards, stats)
+    metrics["objective/returns"] = returns.mean()
+    metrics["loss/kl_k3_avg"] = stats["k3_mean"].mean()
+    metrics["advantages/abs_mean"] = advantages.abs().mean()
+    metrics["groups/equal_returns_share"] = (returns.view(-1, group_size).std(1) == 0).float().mean()
     return process_means(metrics, runtime)
 
 

@@ -75,6 +75,7 @@ from dgx_spark_summary_from_human_feedback.rollout import (
     minibatch_order,
     process_means,
     query_batch,
+    rl_metrics,
     rollout,
     value_predictions,
 )
@@ -436,25 +437,9 @@ def optimizer_step(models: Models, losses: dict, batch: Rollout, cfg: Config, st
 def update_metrics(batch: Rollout, kl, non_score_rewards, stats: dict, runtime) -> dict[str, float]:
     """One update's record under N+'s metric names (so curves compare with the published runs),
     averaged over processes (`val/num_eos_tokens` summed)."""
-    ratios = stats["ratio"]
-    metrics = {
-        "objective/kl": kl.sum(1).mean(),
-        "objective/entropy": (-batch.logprobs).sum(1).mean(),
-        "objective/non_score_reward": non_score_rewards.sum(1).mean(),
-        "objective/scores": batch.scores.mean(),
-        "objective/rlhf_reward": batch.scores.mean() + non_score_rewards.sum(1).mean(),
-        "policy/approxkl_avg": stats["approxkl"].mean(),
-        "policy/clipfrac_avg": stats["clipfrac"].mean(),
-        "loss/policy_avg": stats["pg_loss_mean"].mean(),
-        "loss/value_avg": stats["v_loss_mean"].mean(),
-        "val/clipfrac_avg": stats["vf_clipfrac"].mean(),
-        "policy/entropy_avg": stats["entropy"].mean(),
-        "val/ratio": ratios.mean(),
-        "val/ratio_var": ratios.var() if len(ratios) > 1 else torch.zeros(()),
-        "val/num_eos_tokens": batch.has_eos.float().sum(),
-        "response_length": batch.response_mask.sum(1).mean(),
-        "no_eos_share": (~batch.has_eos).float().mean(),
-    }
+    metrics = rl_metrics(batch, kl, non_score_rewards, stats)
+    metrics["loss/value_avg"] = stats["v_loss_mean"].mean()
+    metrics["val/clipfrac_avg"] = stats["vf_clipfrac"].mean()
     return process_means(metrics, runtime)
 
 

@@ -238,6 +238,29 @@ def minibatch_order(
     return torch.cat(chunks)
 
 
+def rl_metrics(batch: Rollout, kl: torch.Tensor, non_score_rewards: torch.Tensor, stats: dict) -> dict:
+    """The N+ metrics PPO and GRPO both log, under N+'s names so curves compare: the rollout's
+    (score, KL, its penalty, entropy, length, EOS) and the clipped surrogate's (`stats`: the
+    update's per-micro-batch approxkl, clipfrac, pg_loss_mean, entropy, ratio)."""
+    ratios = stats["ratio"]
+    return {
+        "objective/kl": kl.sum(1).mean(),
+        "objective/entropy": (-batch.logprobs).sum(1).mean(),
+        "objective/non_score_reward": non_score_rewards.sum(1).mean(),
+        "objective/scores": batch.scores.mean(),
+        "objective/rlhf_reward": batch.scores.mean() + non_score_rewards.sum(1).mean(),
+        "policy/approxkl_avg": stats["approxkl"].mean(),
+        "policy/clipfrac_avg": stats["clipfrac"].mean(),
+        "loss/policy_avg": stats["pg_loss_mean"].mean(),
+        "policy/entropy_avg": stats["entropy"].mean(),
+        "val/ratio": ratios.mean(),
+        "val/ratio_var": ratios.var() if len(ratios) > 1 else torch.zeros(()),
+        "val/num_eos_tokens": batch.has_eos.float().sum(),
+        "response_length": batch.response_mask.sum(1).mean(),
+        "no_eos_share": (~batch.has_eos).float().mean(),
+    }
+
+
 def process_means(metrics: dict[str, torch.Tensor], runtime) -> dict[str, float]:
     """An update's metrics as floats, averaged over the processes; `val/num_eos_tokens` is a count
     and is summed (PPO and GRPO log the same way)."""
