@@ -187,12 +187,19 @@ def win_rates(
 
 
 def policy_records(
-    path: str, rows: list[dict], cfg: Config, runtime, reward_model, rm_tokenizer, judge, reference_scores
+    path: str,
+    rows: list[dict],
+    posts: list[str],
+    cfg: Config,
+    runtime,
+    reward_model,
+    rm_tokenizer,
+    judge,
+    reference_scores,
 ):
     """One policy's samples on `rows` with ROUGE-L, length, EOS, and (when given) RM scores and judge verdicts
     against the references; the references' RM scores are computed once and passed back for the next policy."""
     dtype, autocast = frozen_dtype(runtime), runtime.autocast
-    posts = [r.get("post") or r.get("query", "") for r in rows]
     tokenizer = load_tokenizer(path)
     model = load_policy(path, tokenizer, dtype=dtype, device=runtime.device).eval()
     references = [_reference(r, tokenizer.eos_token) for r in rows]
@@ -293,7 +300,7 @@ def main(cfg: Config) -> dict:
     reference_scores = None
     for path in cfg.policy:
         records, reference_scores = policy_records(
-            path, rows, cfg, runtime, reward_model, rm_tokenizer, judge, reference_scores
+            path, rows, posts, cfg, runtime, reward_model, rm_tokenizer, judge, reference_scores
         )
         per_policy[path] = records
 
