@@ -36,6 +36,10 @@ from .training import frozen_dtype, setup_runtime
 # the CLI
 
 
+# each judged comparison shuffles A/B with its own seed, cfg.seed + this; the report names the one it used
+AB_SEED = {"reference": 0, "head_to_head": 1, "against": 2}
+
+
 @dataclass
 class Config:
     policy: Annotated[list[str], tyro.conf.UseAppendAction]
@@ -75,7 +79,7 @@ class Config:
     decoding: Decoding = "eager"
     """decoding steps: eager, static or cuda_graph (`generation.Decoding`)"""
     seed: int = 0
-    """sampling seed and the judge's A/B order"""
+    """sampling seed and the judge's A/B order (+ AB_SEED per comparison)"""
     device: str = "auto"
     """cuda, cpu or auto"""
     output_dir: str = "out/eval"
@@ -250,7 +254,9 @@ def policy_records(
         for r, s, ref_s in zip(records, scores, reference_scores):
             r.update(score=s, reference_score=ref_s, rm_win=1.0 if s > ref_s else (0.5 if s == ref_s else 0.0))
     if judge is not None:
-        verdicts = judge.compare([(p, r["response"], r["reference"]) for p, r in zip(posts, records)], cfg.seed)
+        verdicts = judge.compare(
+            [(p, r["response"], r["reference"]) for p, r in zip(posts, records)], cfg.seed + AB_SEED["reference"]
+        )
         for r, v in zip(records, verdicts):
             r.update(
                 judge_win=None if v["first_wins"] is None else float(v["first_wins"]),
@@ -312,11 +318,18 @@ def main(cfg: Config) -> dict:
     head_to_head, head_to_head_against, against = {}, {}, cfg.head_to_head_against
     if cfg.head_to_head:
         head_to_head = win_rates(
-            per_policy[cfg.policy[0]], per_policy[cfg.policy[1]], posts, reward_model is not None, judge, cfg.seed + 1
+            per_policy[cfg.policy[0]],
+            per_policy[cfg.policy[1]],
+            posts,
+            reward_model is not None,
+            judge,
+            cfg.seed + AB_SEED["head_to_head"],
         )
     if against:
         head_to_head_against = {
-            path: win_rates(records, per_policy[against], posts, reward_model is not None, judge, cfg.seed + 2)
+            path: win_rates(
+                records, per_policy[against], posts, reward_model is not None, judge, cfg.seed + AB_SEED["against"]
+            )
             for path, records in per_policy.items()
             if path != against
         }
@@ -333,10 +346,13 @@ def main(cfg: Config) -> dict:
 
 def write_report(out: Path, cfg: Config, summary: dict, head_to_head: dict, head_to_head_against: dict, n: int) -> None:
     rm_judge = f"reward model `{cfg.reward_path}` (normalised; a win is score(policy) > score(reference))"
-    llm_judge = (
-        f"`{cfg.judge_model}` at `{cfg.judge_url}` with the N+ judge prompt (below), "
-        f"A/B order randomised (seed {cfg.seed})"
-    )
+
+    def llm_judge(comparison: str) -> str:
+        return (
+            f"`{cfg.judge_model}` at `{cfg.judge_url}` with the N+ judge prompt (below), "
+            f"A/B order randomised (seed {cfg.seed + AB_SEED[comparison]})"
+        )
+
     lines = [
         f"# Evaluation\n\n{n} posts of `{cfg.dataset}` ({cfg.split}), temperature {cfg.temperature}, at most "
         f"{cfg.max_new_tokens} new tokens.\n"
@@ -349,14 +365,14 @@ def write_report(out: Path, cfg: Config, summary: dict, head_to_head: dict, head
             lines.append(f"- reward-model score: {s['score']:.4f} (references: {s['reference_score']:.4f})")
             lines.append(f"- win rate vs reference, judge {rm_judge}: {_ci(s['rm_win_rate'])}")
         if "judge_win_rate" in s:
-            lines.append(f"- win rate vs reference, judge {llm_judge}: {_ci(s['judge_win_rate'])}")
+            lines.append(f"- win rate vs reference, judge {llm_judge('reference')}: {_ci(s['judge_win_rate'])}")
         lines.append("")
     if head_to_head:
         lines.append(f"## Head to head: `{cfg.policy[0]}` vs `{cfg.policy[1]}`\n")
         if "rm" in head_to_head:
             lines.append(f"- win rate of the first, judge {rm_judge.split(' (')[0]}: {_ci(head_to_head['rm'])}")
         if "judge" in head_to_head:
-            lines.append(f"- win rate of the first, judge {llm_judge}: {_ci(head_to_head['judge'])}")
+            lines.append(f"- win rate of the first, judge {llm_judge('head_to_head')}: {_ci(head_to_head['judge'])}")
         lines.append("")
     if head_to_head_against:
         lines.append(
@@ -367,7 +383,7 @@ def write_report(out: Path, cfg: Config, summary: dict, head_to_head: dict, head
             if "rm" in rates:
                 lines.append(f"- `{path}`, judge {rm_judge.split(' (')[0]}: {_ci(rates['rm'])}")
             if "judge" in rates:
-                lines.append(f"- `{path}`, judge {llm_judge}: {_ci(rates['judge'])}")
+                lines.append(f"- `{path}`, judge {llm_judge('against')}: {_ci(rates['judge'])}")
         lines.append("")
     if cfg.reward_path:
         lines.append("![win rate vs length](winrate_vs_length.png)\n\n![score histogram](score_histogram.png)\n")

@@ -3,6 +3,7 @@ HTTP (report, samples, cache), on the real TL;DR sample, and its one-line CLI er
 
 import json
 import os
+import random
 import re
 import subprocess
 import sys
@@ -158,12 +159,17 @@ def test_evaluate_with_a_judge_reports_it_and_reruns_from_the_cache(pipeline_dir
     # the judge and its prompt stand next to every LLM win rate, with n and a CI
     judged = re.findall(
         rf"judge `fake` at `{re.escape(server.url)}` with the N\+ judge prompt \(below\), A/B order randomised \(seed "
-        rf"0\): {WIN_RATE}",
+        rf"(\d+)\): {WIN_RATE}",
         report,
     )
-    assert len(judged) == 3  # per policy vs reference, and head to head
-    for rate, low, high, n, unparseable in judged:
+    # per policy vs reference (seed 0), then head to head: its own A/B seed, and the report says which
+    assert [seed for seed, *_ in judged] == ["0", "0", "1"]
+    for _, rate, low, high, n, unparseable in judged:
         assert float(low) <= float(rate) <= float(high) and (int(n), int(unparseable)) == (6, 0)
+    rng = random.Random(0)  # the seed the report names for the comparisons with the reference
+    swaps = [rng.random() < 0.5 for _ in range(6)]
+    for policy in ("sft", "ppo"):
+        assert [s["judge_swapped"] for s in samples if s["policy"] == str(pipeline_dir / policy)] == swaps
     assert f"## Judge prompt\n\n```\n{JUDGE_PROMPT}\n```" in report
     assert (
         len(re.findall(rf"judge reward model `{re.escape(str(pipeline_dir / 'reward'))}`.*: {WIN_RATE}", report)) == 3
@@ -179,7 +185,7 @@ def test_evaluate_with_a_judge_reports_it_and_reruns_from_the_cache(pipeline_dir
             a, b = (s["reference"], s["response"]) if s["judge_swapped"] else (s["response"], s["reference"])
             expected = prefer(JUDGE_PROMPT.format(post="", a=a, b=b)) == ("B" if s["judge_swapped"] else "A")
             assert s["judge_win"] == float(expected)
-        assert float(line[0]) == pytest.approx(sum(s["judge_win"] for s in records) / 6, abs=5e-4)
+        assert float(line[1]) == pytest.approx(sum(s["judge_win"] for s in records) / 6, abs=5e-4)
     for path in out.iterdir():
         assert path.suffix == ".png" or "sk-fake-123" not in path.read_text(), path.name
 
