@@ -3,14 +3,16 @@
 What a random 2-layer model cannot show: a tokenizer whose pad is its EOS (`<|im_end|>`, id 2)
 and an embedding with no spare row, so `[PAD]` must grow it by exactly one row; a chat-tuned
 EOS that generation has to stop at; a 49k-row tied head; checkpoints that must load back with
-plain `from_pretrained`. The model is built (or taken from its cache) by
-`../shared/tools/real_model.sh` with this interpreter: a failed build fails these tests, it
-never skips them. Cost: about a minute of CPU once the model is cached.
+plain `from_pretrained`. Each method's step runs once on it: SFT, the reward head, PPO, DPO on
+real judged pairs, GRPO on groups of sampled responses. The model is built (or taken from its
+cache) by `../shared/tools/real_model.sh` with this interpreter: a failed build fails these
+tests, it never skips them. Cost: about two minutes of CPU once the model is cached.
 """
 
 import copy
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -19,16 +21,30 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+import dpo
+import grpo
 import ppo
 import sft
 from dgx_spark_summary_from_human_feedback.checkpoint import export_final
 from dgx_spark_summary_from_human_feedback.data import SFT_FEATURES, Lengths, encode, load_raw, load_tokenizer
 from dgx_spark_summary_from_human_feedback.generation import summarize
-from dgx_spark_summary_from_human_feedback.models import get_score, load_policy, load_reward_model, response_logits
+from dgx_spark_summary_from_human_feedback.models import (
+    get_pair_logprobs,
+    get_score,
+    load_policy,
+    load_reward_model,
+    response_logits,
+)
 from dgx_spark_summary_from_human_feedback.preprocess import process_comparisons, process_sft
 from dgx_spark_summary_from_human_feedback.rollout import rollout as sample_rollout
 from dgx_spark_summary_from_human_feedback.rollout import value_predictions
-from dgx_spark_summary_from_human_feedback.training import distribute, make_optimizer, setup_runtime
+from dgx_spark_summary_from_human_feedback.training import (
+    PAIR_COLUMNS,
+    distribute,
+    make_optimizer,
+    pair_batch,
+    setup_runtime,
+)
 
 from .conftest import REAL_SAMPLE, REPO
 
@@ -66,6 +82,16 @@ def sft_rows(real_tokenizer):
     return process_sft(raw, real_tokenizer, Lengths(query=96, response=53), long_response="truncate")["train"]
 
 
+@pytest.fixture(scope="module")
+def pair_rows(real_tokenizer):
+    """The first 8 GPT-4-judged pairs of the same sample as our preference columns, queries cut to 96 tokens."""
+    import datasets
+
+    rows = [json.loads(line) for _, line in zip(range(8), (REAL_SAMPLE / "comparisons.jsonl").open())]
+    raw = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)})
+    return process_comparisons(raw, real_tokenizer, Lengths(query=96, response=64), long_response="truncate")["train"]
+
+
 def test_pad_is_added_by_growing_the_embedding_by_exactly_one_row(model_dir, real_tokenizer, policy):
     raw = AutoTokenizer.from_pretrained(model_dir)
     assert raw.pad_token_id == raw.eos_token_id == EOS and len(raw) == ROWS  # the trap, and no spare row
@@ -85,7 +111,7 @@ def test_pad_is_added_by_growing_the_embedding_by_exactly_one_row(model_dir, rea
     assert policy.config.pad_token_id == ROWS and policy.config.eos_token_id == EOS
 
 
-def test_real_sample_keeps_eos_in_labels_and_never_confuses_it_with_padding(sft_rows, real_tokenizer):
+def test_real_sample_keeps_eos_in_labels_and_never_confuses_it_with_padding(sft_rows, pair_rows, real_tokenizer):
     pad = real_tokenizer.pad_token_id
     for row in sft_rows:
         q, r, n = row["query_token_len"], row["reference_response_token_len"], row["query_reference_response_token_len"]
@@ -100,13 +126,8 @@ def test_real_sample_keeps_eos_in_labels_and_never_confuses_it_with_padding(sft_
         ) <= {pad}
         assert row["reference_response_token"][r - 1] == EOS and row["reference_response"].endswith("<|im_end|>")
     # the comparisons of the same sample, through the same tokenizer
-    rows = [json.loads(line) for _, line in zip(range(8), (REAL_SAMPLE / "comparisons.jsonl").open())]
-    import datasets
-
-    raw = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)})
-    pairs = process_comparisons(raw, real_tokenizer, Lengths(query=96, response=64), long_response="truncate")["train"]
-    assert len(pairs) == 8
-    for row in pairs:
+    assert len(pair_rows) == 8
+    for row in pair_rows:
         assert (
             row["chosen_token"][row["chosen_token_len"] - 1] == EOS
             and row["rejected_token"][row["rejected_token_len"] - 1] == EOS
@@ -261,6 +282,125 @@ def test_one_ppo_update_on_smollm2_starts_at_ratio_one(model_dir, policy, real_t
         and float(stats["clipfrac"][0]) == 0
     )
     assert float(stats["approxkl"][1]) > 0  # the first step moved the policy, so the check above could fail
+
+
+def test_dpo_on_smollm2_starts_at_ln2_shares_each_query_exactly_and_learns_the_judged_pairs(
+    policy, pair_rows, tmp_path
+):
+    """dpo.py's step on real weights and real GPT-4-judged pairs: the shared-query forward gives the
+    log-probs of two full rows; against itself as the reference the first loss is ln 2 with zero
+    margins; one step on the same pairs raises the chosen-over-rejected margin."""
+    model = copy.deepcopy(policy).train()
+    runtime = setup_runtime("cpu", "fp32")
+    rows = pair_rows.select(range(4)).with_format("torch", columns=PAIR_COLUMNS)
+    with torch.no_grad():  # each query run once, both summaries on its KV cache == two full rows
+        batch = pair_batch(rows[:], runtime.device)
+        shared = get_pair_logprobs(model, *batch)
+        full = get_pair_logprobs(model, *batch, share_prefix=False)
+    torch.testing.assert_close(shared, full, atol=1e-4, rtol=1e-4)
+    assert (shared[batch[3] == 0] == 0).all() and (shared[batch[3] == 1] < 0).all()  # 0 on padding only
+    reference = dpo.reference_logprobs(model, rows, 4, runtime)  # (4, 2): the model before training
+    cfg = dpo.Config(batch_size=4, micro_batch_size=4, beta=0.1, lr=2e-5, grad_clip=1.0)
+    optimizer = make_optimizer(
+        list(model.parameters()),
+        lr=cfg.lr,
+        betas=(0.9, 0.999),
+        weight_decay=0.0,
+        eps=1e-8,
+        kind="adamw",
+        device=runtime.device,
+    )
+    logprobs_fn = distribute(model, get_pair_logprobs, runtime)
+    lengths = [int(q) + max(int(c), int(r)) for q, c, r in zip(*(rows[k] for k in PAIR_COLUMNS[1::2]))]
+    steps = [
+        dpo.train_step(
+            logprobs_fn, model, optimizer, rows, list(range(4)), reference, lengths, cfg, runtime, k, tmp_path
+        )
+        for k in range(2)
+    ]
+    first, last = steps  # the second step's statistics are taken after the first update
+    assert first["train/loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference
+    assert abs(first["rewards/margins"]) < 1e-4
+    assert last["rewards/margins"] > 0.5 and last["train/loss"] < math.log(2) - 0.1  # measured: 1.82, 0.162
+    assert last["rewards/accuracies"] > 0.5
+
+
+def test_one_grpo_update_on_smollm2_groups_its_responses_and_starts_at_ratio_one(
+    model_dir, policy, real_tokenizer, tmp_path
+):
+    """grpo.py on real weights: 2 queries x 4 sampled responses are 2 groups of 4 consecutive
+    rows; each group's advantages have mean 0; the first minibatch's ratios are 1 and its k3 term
+    0 (the reference is the policy); the first optimizer step moves the second minibatch."""
+    torch.manual_seed(0)
+    reward_model = load_reward_model(model_dir, real_tokenizer, new_head=True).eval().requires_grad_(False)
+    model, ref_policy = copy.deepcopy(policy).train(), copy.deepcopy(policy).eval().requires_grad_(False)
+    runtime = setup_runtime("cpu", "fp32")
+    cfg = grpo.Config(
+        group_size=4,
+        batch_size=8,
+        num_minibatches=2,
+        micro_batch_size=2,
+        update_epochs=1,
+        kl_in="loss",
+        lr=1e-5,
+        response_length=16,
+        generation_batch_size=8,
+        forward_batch_size=4,
+    )
+    adam = dict(lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-5, kind="adamw", device=runtime.device)
+    models = grpo.Models(
+        policy=model,
+        ref_policy=ref_policy,
+        score_fn=lambda qr, am: get_score(reward_model, qr, am),
+        policy_logits=distribute(model, response_logits, runtime),
+        optimizer=make_optimizer(list(model.parameters()), **adam),
+    )
+    # two real posts, each in the instruct model's chat turn asking for a short reply: as raw TL;DR
+    # queries (before SFT) no response ends within 16 tokens, every score is the no-EOS penalty and
+    # every advantage 0
+    posts = [json.loads(line)["post"][:400] for _, line in zip(range(2), (REAL_SAMPLE / "sft.jsonl").open())]
+    prompts = [
+        encode(
+            real_tokenizer,
+            f"<|im_start|>user\nIn at most five words, what is this post about?\n\n{post}<|im_end|>\n"
+            "<|im_start|>assistant\n",
+        )
+        for post in posts
+    ]
+    C = max(map(len, prompts))
+    rows = {
+        "query_token": torch.tensor([[real_tokenizer.pad_token_id] * (C - len(p)) + p for p in prompts]),
+        "query_token_len": torch.tensor([len(p) for p in prompts]),
+    }
+    batch = grpo.grpo_rollout(models, rows, cfg, real_tokenizer, runtime, torch.Generator().manual_seed(0))
+    C, pad = batch.context_length, real_tokenizer.pad_token_id
+    assert batch.has_eos.any()
+    groups = batch.query_responses[:, :C].view(2, 4, C)
+    assert (groups == groups[:, :1]).all() and not torch.equal(groups[0, 0], groups[1, 0])  # a group = one query
+    for i in range(8):
+        n, row = int(batch.response_mask[i].sum()), batch.responses[i].tolist()
+        if batch.has_eos[i]:
+            assert row[n - 1] == EOS and set(row[n:]) <= {pad}
+    advantages, returns, _, _ = grpo.returns_and_advantages(batch, cfg)
+    torch.testing.assert_close(returns, batch.scores)  # kl_in="loss": the return is the score
+    assert advantages.view(2, 4).mean(1).abs().max() < 1e-5 and advantages.abs().max() > 0
+    stats = grpo.grpo_update(
+        models.policy_logits,
+        models.optimizer,
+        list(model.parameters()),
+        batch,
+        advantages,
+        batch.query_mask.sum(1),
+        cfg,
+        runtime,
+        torch.Generator().manual_seed(1),
+        0,
+        tmp_path,
+    )
+    # 2 minibatches of 2 micro-batches: the first two entries come before any optimizer step
+    assert (stats["ratio"][:2] - 1).abs().max() < 1e-5 and stats["approxkl"][:2].max() < 1e-8
+    assert stats["k3_mean"][:2].abs().max() < 1e-6 and stats["clipfrac"][:2].max() == 0
+    assert stats["approxkl"][2:].max() > 0  # the first step moved the policy, so the checks above could fail
 
 
 @torch.no_grad()
